@@ -1,0 +1,5 @@
+import sys
+
+from gram.cli import main
+
+sys.exit(main())

@@ -1,0 +1,466 @@
+"""Backbone stage: a frozen CLIP, loaded from the hub or pretrained here for the emoji world. [ours]
+
+GRAM never updates the CLIP weights; it learns prompts around a frozen backbone. Two sources:
+
+- `source: hub` loads `transformers.CLIPModel.from_pretrained(model)` (a hub id such as
+  `openai/clip-vit-base-patch16`, or a local directory) with its tokenizer and image preprocessing.
+- `source: pretrain` builds a small `CLIPConfig` (sizes in params) and trains it contrastively on the
+  pretraining vendors' image-text shards, with caption variants sampled afresh every step and light
+  augmentation (no flips: arrows and other directional emojis change meaning). Its tokenizer is a
+  byte-pair encoding trained with the `tokenizers` library on the emoji labels, tags and Unicode
+  group names; special tokens are `<pad> <unk> <s> </s>` = ids 0..3 with EOS id 3, because
+  `CLIPTextTransformer` pools at `argmax(input_ids)` instead of at the EOS token when
+  `eos_token_id == 2`.
+
+Either way the stage writes one directory (`save_pretrained` model + tokenizer + image processor
+config), which every later stage loads through `load()`: one code path for both profiles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gram.config import AugmentParams, BackboneParams, CaptionParams, PretrainParams, to_dict
+from gram.io import atomic_dir, config_digest, write_json
+
+log = logging.getLogger("gram.backbone")
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3; EOS = 3 (see module docstring)
+PRETRAIN_LOG = "pretrain.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# devices and loading
+# ------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"backbone.device is {name!r} but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The inference dtype; half precision only on an accelerator (fp32 on the CPU)."""
+    if device.type == "cpu":
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass
+class ImageSpec:
+    """CLIP image preprocessing: shortest side to `size`, centre crop `crop`, normalise."""
+
+    size: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str = "bicubic"
+
+
+def image_spec(model_dir: str | Path) -> ImageSpec:
+    """Read the preprocessing of a saved model (`preprocessor_config.json`)."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    cfg = json.loads(path.read_text())
+    size = cfg.get("size", 224)
+    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+    crop = cfg.get("crop_size", size)
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample", 3), "bicubic")
+    return ImageSpec(int(size), int(crop), tuple(cfg["image_mean"]), tuple(cfg["image_std"]), resample)
+
+
+def preprocess(images: np.ndarray | torch.Tensor, spec: ImageSpec, normalize: bool = True) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] -> float pixel values [N, 3, crop, crop] as CLIP expects."""
+    x = torch.as_tensor(images)
+    x = x.permute(0, 3, 1, 2).float() / 255.0  # [N, H, W, 3] -> [N, 3, H, W]
+    h, w = x.shape[-2:]
+    scale = spec.size / min(h, w)
+    if (h, w) != (round(h * scale), round(w * scale)):
+        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode=spec.resample,
+                          antialias=True, align_corners=False).clamp_(0, 1)
+    h, w = x.shape[-2:]
+    top, left = (h - spec.crop) // 2, (w - spec.crop) // 2
+    x = x[..., top:top + spec.crop, left:left + spec.crop]
+    return normalize_pixels(x, spec) if normalize else x
+
+
+def normalize_pixels(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP with what it needs to read text and images."""
+
+    model: "torch.nn.Module"
+    tokenizer: object
+    spec: ImageSpec
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> L2-normalised image features [N, D] (fp32, on the device)."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            px = preprocess(images[i:i + batch_size], self.spec).to(self.device, self.dtype)
+            out.append(self.model.get_image_features(pixel_values=px).pooler_output.float())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:
+        """Strings -> L2-normalised text features [N, D] (fp32, on the device)."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = tokenize(self.tokenizer, texts[i:i + batch_size], self.model.config.text_config.max_position_embeddings)
+            tok = {k: v.to(self.device) for k, v in tok.items()}
+            out.append(self.model.get_text_features(**tok).pooler_output.float())
+        return F.normalize(torch.cat(out), dim=-1)
+
+
+def tokenize(tokenizer, texts: list[str], context: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest text, truncate to the context (EOS always kept)."""
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=context, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def load(model: str | Path, device: str = "auto", dtype: str = "float32") -> Backbone:
+    """Load a CLIP (hub id or directory), frozen, in eval mode, on `device` in `dtype`.
+
+    Raises:
+        RuntimeError naming the model when it is neither a local directory nor in the HF cache
+        and the hub cannot be reached.
+    """
+    from transformers import AutoTokenizer, CLIPModel
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    try:
+        clip = CLIPModel.from_pretrained(str(model), dtype=dt, attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(str(model))
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot load CLIP {str(model)!r}: {e}\nIf it is a hub id, download it first while online: "
+            f"`hf download {model}` (it lands in $HF_HOME), then run offline with HF_HUB_OFFLINE=1.") from None
+    clip.requires_grad_(False).eval().to(dev)
+    local = Path(str(model))
+    if local.is_dir():
+        spec = image_spec(local)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        spec = image_spec(Path(hf_hub_download(str(model), "preprocessor_config.json")).parent)
+    return Backbone(clip, tok, spec, dev, dt)
+
+
+# ------------------------------------------------------------------------------------------------
+# the small emoji CLIP: tokenizer, config, captions, augmentation
+# ------------------------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int, context: int):
+    """A lower-cased BPE (`</w>` word ends) over `texts`, wrapped as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, end_of_word_suffix="</w>",
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    assert [bpe.token_to_id(t) for t in SPECIALS] == [0, 1, 2, 3]
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=context)
+
+
+def small_config(p: PretrainParams, vocab_size: int):
+    from transformers import CLIPConfig
+
+    text = dict(vocab_size=vocab_size, hidden_size=p.text.width, intermediate_size=p.text.mlp,
+                num_hidden_layers=p.text.layers, num_attention_heads=p.text.heads,
+                max_position_embeddings=p.context, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    vision = dict(image_size=p.image_size, patch_size=p.patch, hidden_size=p.vision.width,
+                  intermediate_size=p.vision.mlp, num_hidden_layers=p.vision.layers,
+                  num_attention_heads=p.vision.heads)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=p.projection)
+
+
+def save_image_processor(out: Path, size: int) -> None:
+    """The preprocessing of the emoji CLIP, in the format CLIPImageProcessor reads."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3).save_pretrained(out)
+
+
+def words(slug: str) -> str:
+    return slug.replace("-", " ").replace("&", "and")
+
+
+def sample_caption(meta: dict, rng: random.Random, c: CaptionParams) -> str:
+    """One caption variant for an emoji (label first, so truncation drops tags, not the label)."""
+    label = meta["label"]
+    tags = [t for t in meta.get("tags", []) if t.lower() not in label.lower()]
+    k = rng.randint(0, min(c.tags, len(tags))) if tags else 0
+    picked = ", ".join(rng.sample(tags, k)) if k else ""
+    h = f", a {words(meta['subgroup'])} emoji from {words(meta['group'])}" if rng.random() < c.hierarchy_p else ""
+    form = rng.randrange(4)
+    if form == 0:
+        return f"an emoji of a {label}{h}"
+    if form == 1:
+        return f"{label}{h}"
+    if form == 2:
+        return f"a {label} emoji{h}" + (f": {picked}" if picked else "")
+    return f"{label}{h}" + (f", {picked}" if picked else "")
+
+
+def augment(x: torch.Tensor, a: AugmentParams, gen: torch.Generator) -> torch.Tensor:
+    """Random zoom, rotation and shift (white fill) and colour jitter of images in [0, 1], [B, 3, S, S]."""
+    b = x.shape[0]
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=gen)
+
+    scale = u(*a.scale)
+    ang = u(-a.rotate, a.rotate)
+    tx, ty = u(-a.shift, a.shift) * 2, u(-a.shift, a.shift) * 2  # in [-1, 1] grid units
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # [B, 2, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = 1.0 - F.grid_sample(1.0 - x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # white fill
+    if a.jitter > 0:
+        j = a.jitter
+        bright = u(1 - j, 1 + j).view(b, 1, 1, 1)
+        contrast = u(1 - j, 1 + j).view(b, 1, 1, 1)
+        sat = u(1 - j, 1 + j).view(b, 1, 1, 1)
+        x = x * bright
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * contrast + mean
+        gray = x.mean(dim=1, keepdim=True)
+        x = (x - gray) * sat + gray
+    return x.clamp(0, 1)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+# ------------------------------------------------------------------------------------------------
+# pretraining
+# ------------------------------------------------------------------------------------------------
+def _optimizer(model, p: PretrainParams) -> torch.optim.Optimizer:
+    decay, no_decay, scale = [], [], []
+    for name, prm in model.named_parameters():
+        if name == "logit_scale":
+            scale.append(prm)
+        elif prm.ndim >= 2 and "embedding" not in name:
+            decay.append(prm)
+        else:
+            no_decay.append(prm)
+    groups = [{"params": decay, "weight_decay": p.weight_decay, "lr": p.lr, "base_lr": p.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": p.lr, "base_lr": p.lr},
+              {"params": scale, "weight_decay": 0.0, "lr": p.logit_scale_lr, "base_lr": p.logit_scale_lr}]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _save_checkpoint(ckpt: Path, model, opt, step: int, digest: str, losses: list, rng: random.Random,
+                     gen: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state = opt.state_dict()
+    for pid, s in state["state"].items():
+        for k, v in s.items():
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).clone().contiguous()
+    tensors["rng.torch"] = gen.get_state()
+    meta = {"step": step, "digest": digest, "losses": losses, "py_rng": repr(rng.getstate())}
+    with atomic_dir(ckpt) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        write_json(tmp / "state.json", meta)
+
+
+def _load_checkpoint(ckpt: Path, model, opt, digest: str, rng: random.Random, gen: torch.Generator):
+    """Resume from `ckpt` if it was written with the same parameters; returns (step, losses)."""
+    import ast
+
+    from safetensors.torch import load_file
+
+    if not (ckpt / "state.json").exists():
+        return 0, []
+    meta = json.loads((ckpt / "state.json").read_text())
+    if meta["digest"] != digest:
+        log.info("ignoring checkpoint %s: written with other parameters", ckpt)
+        return 0, []
+    t = load_file(str(ckpt / "state.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    state = opt.state_dict()
+    for key, v in t.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state["state"].setdefault(int(pid), {})[name] = v
+    opt.load_state_dict(state)
+    gen.set_state(t["rng.torch"])
+    rng.setstate(ast.literal_eval(meta["py_rng"]))
+    log.info("resuming pretraining from step %d (%s)", meta["step"], ckpt)
+    return meta["step"], meta["losses"]
+
+
+def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, all_texts: list[str]) -> dict:
+    """Train a small CLIP contrastively on the image-text shards in `shard_dirs`; save it to `out`.
+
+    Each step takes `batch_size` distinct emojis (so no two items are the same positive), each in
+    the artwork of one randomly chosen pretraining vendor, with a freshly sampled caption.
+    """
+    from transformers import CLIPModel
+
+    from gram.data.shards import load_images
+
+    torch.manual_seed(p.seed)
+    rng = random.Random(p.seed)
+    gen = torch.Generator().manual_seed(p.seed)
+    tokenizer = train_tokenizer(all_texts, p.vocab_size, p.context)
+    model = CLIPModel(small_config(p, len(tokenizer)))
+    model.train()
+    spec = ImageSpec(p.image_size, p.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    # the pretraining images of every vendor, aligned by emoji (hexcode): [V, N, 3, S, S] in [0, 1]
+    per_vendor, metas = [], None
+    for d in shard_dirs:
+        keys, imgs, meta = load_images(d)
+        order = np.argsort([m["hexcode"] for m in meta], kind="stable")
+        per_vendor.append(preprocess(imgs[order], spec, normalize=False))
+        hexes = [meta[i]["hexcode"] for i in order]
+        if metas is None:
+            metas, ref = [meta[i] for i in order], hexes
+        elif hexes != ref:
+            raise ValueError(f"{d}: the vendors' shards hold different emojis; rerun the download stage")
+    pixels = torch.stack(per_vendor)  # [V, N, 3, S, S]
+    n_vendors, n = pixels.shape[:2]
+    bs = min(p.batch_size, n)
+
+    opt = _optimizer(model, p)
+    digest = config_digest({"pretrain": to_dict(p), "shards": [str(d) for d in shard_dirs], "n": n})
+    start, losses = _load_checkpoint(ckpt, model, opt, digest, rng, gen)
+    params = [q for g in opt.param_groups for q in g["params"]]
+    max_scale = math.log(100.0)
+    t0 = time.time()
+    bar = tqdm(range(start, p.steps), desc="pretrain", unit="step", initial=start, total=p.steps)
+    perm: list[int] = []
+    for step in bar:
+        # distinct emojis per step: walk a fresh permutation, epoch after epoch
+        while len(perm) < bs:
+            perm += rng.sample(range(n), n)
+        idx, perm = perm[:bs], perm[bs:]
+        vend = torch.randint(0, n_vendors, (bs,), generator=gen)
+        x = pixels[vend, torch.tensor(idx)]  # [B, 3, S, S]
+        x = normalize_pixels(augment(x, p.augment, gen), spec)
+        texts = [sample_caption(metas[i], rng, p.caption) for i in idx]
+        tok = tokenize(tokenizer, texts, p.context)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, p.warmup, p.steps)
+        loss = model(**tok, pixel_values=x, return_loss=True).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, max_scale)
+        losses.append(round(loss.item(), 4))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+        if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
+            _save_checkpoint(ckpt, model, opt, step + 1, digest, losses, rng, gen)
+    elapsed = time.time() - t0
+
+    model.eval()
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_image_processor(tmp, p.image_size)
+        record = {"source": "pretrain", "steps": p.steps, "resumed_from": start, "seconds": round(elapsed, 1),
+                  "seconds_per_step": round(elapsed / max(1, p.steps - start), 3), "images": n,
+                  "vendors": n_vendors, "parameters": sum(q.numel() for q in model.parameters()),
+                  "logit_scale": round(model.logit_scale.exp().item(), 3),
+                  "loss": losses, "config": to_dict(p)}
+        write_json(tmp / PRETRAIN_LOG, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------------
+# stage
+# ------------------------------------------------------------------------------------------------
+def corpus_texts(shard_dirs: list[Path]) -> list[str]:
+    """Every word source of the captions (labels, tags, group names), for the tokenizer."""
+    from gram.data.shards import iter_samples, shard_paths
+
+    texts = ["an emoji of a", "emoji from"]
+    # every vendor holds the same emojis, so the first one has all the words
+    for s in iter_samples(shard_paths(shard_dirs[0])):
+        m = json.loads(s["json"])
+        texts += [m["label"], " ".join(m["tags"]), words(m["subgroup"]), words(m["group"])]
+    return texts
+
+
+def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path | None, out: str | Path) -> dict:
+    """Write the backbone directory `out`: a pretrained small CLIP, or a copy of `cfg.model`."""
+    out = Path(out)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if cfg.source == "hub":
+        bb = load(cfg.model, cfg.device, "float32")
+        with atomic_dir(out) as tmp:
+            bb.model.save_pretrained(tmp)
+            bb.tokenizer.save_pretrained(tmp)
+            src = Path(cfg.model)
+            if src.is_dir():
+                (tmp / "preprocessor_config.json").write_text((src / "preprocessor_config.json").read_text())
+            else:
+                from huggingface_hub import hf_hub_download
+
+                (tmp / "preprocessor_config.json").write_text(
+                    Path(hf_hub_download(cfg.model, "preprocessor_config.json")).read_text())
+            record = {"source": "hub", "model": cfg.model}
+            write_json(tmp / PRETRAIN_LOG, record)
+        return record
+    if data_dir is None:
+        raise ValueError("backbone.source: pretrain needs --data (the download stage's directory)")
+    shard_dirs = [Path(data_dir) / "shards" / v for v in pretrain_vendors]
+    ckpt = out.with_name(f".{out.name}.ckpt")
+    record = pretrain(cfg.pretrain, shard_dirs, out, ckpt, corpus_texts(shard_dirs))
+    if ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)
+    log.info("pretrained %d steps in %.0f s; final loss %.3f", record["steps"], record["seconds"], record["loss"][-1])
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gram.cli import stage_parser, stage_setup
+
+    p = stage_parser("backbone", __doc__)
+    p.add_argument("--data", default=None, help="data directory of the profile (for source: pretrain)")
+    p.add_argument("--out", required=True, help="backbone directory to write, e.g. models/emoji/backbone")
+    args = p.parse_args(argv)
+    _, prof = stage_setup(args)
+    run(prof.backbone, prof.data.vendors.pretrain, args.data, args.out)

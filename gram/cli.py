@@ -1,0 +1,63 @@
+"""`gram <stage>`: one subcommand per pipeline stage. [ours]
+
+Every stage takes `--params params.yaml --profile P`, explicit input/output paths and `--log`.
+Snakemake rules and DVC stages run exactly these commands (see `dvc.yaml`, `workflow/rules/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from gram import config as C
+from gram.io import setup_logging
+
+# stage name -> module whose `main(argv)` runs it; a literal table, no registry
+STAGES = {
+    "download": ("gram.data", "fetch the data of a profile: corpus shards and classification datasets"),
+    "backbone": ("gram.backbone", "load a CLIP (hub id or directory) or pretrain a small one"),
+    "evaluate": ("gram.evaluate", "score one method on every dataset and domain of a profile"),
+    "report": ("gram.report", "render the result tables and plots"),
+    "schema": ("gram.schema", "write the JSON schema of params.yaml (for Snakemake)"),
+}
+
+
+def stage_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"gram {stage}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    p.add_argument("--profile", default=None, choices=C.PROFILES,
+                   help="profile section to use (default: the file's `profile:` key)")
+    p.add_argument("--log", default=None, help="also append the log to this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def stage_setup(args: argparse.Namespace) -> tuple[C.Params, C.ProfileParams]:
+    setup_logging(args.log, args.verbose)
+    return C.load(args.params, args.profile)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, STAGES))
+        lines = [f"  {name:<{width}}  {help}" for name, (_, help) in STAGES.items()]
+        print("usage: gram <stage> [--help] ...\n\nGRAM pipeline stages:\n" + "\n".join(lines)
+              + "\n\nEach stage reads params.yaml; `gram <stage> --help` lists its arguments.")
+        return 0
+    if argv[0] not in STAGES:
+        print(f"gram: unknown stage {argv[0]!r} (one of {', '.join(STAGES)})", file=sys.stderr)
+        return 2
+    module = importlib.import_module(STAGES[argv[0]][0])
+    t0 = time.time()
+    try:
+        module.main(argv[1:])
+    except (C.ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        print(f"gram {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    import logging
+    logging.getLogger("gram").info("%s finished in %.1f s", argv[0], time.time() - t0)
+    return 0

@@ -1,0 +1,394 @@
+"""Typed parameters: `params.yaml` -> frozen dataclasses, validated on load. [ours]
+
+`params.yaml` is the single source of truth for every stage. Its layout:
+
+    profile: emoji            # the active profile
+    grid: {...}               # what the evaluate stage fans out over (shared by all profiles)
+    emoji: {data, backbone, evaluate}
+    paper: {data, backbone, evaluate}
+    tiny:  {data, backbone, evaluate}
+
+Each stage receives only its own section (e.g. `BackboneParams`). Unknown keys, wrong types and
+out-of-range values raise `ConfigError` naming the file and the dotted key. The JSON schema that
+Snakemake validates against (`workflow/schemas/params.schema.yaml`) is generated from these
+dataclasses by `gram schema`, and a test checks that the committed file has not drifted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+PROFILES = ("emoji", "paper", "tiny")
+
+
+class ConfigError(ValueError):
+    """A parameter file is invalid; the message names the file and the key."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, min: float | None = None,
+       max: float | None = None, factory: Any = None) -> Any:
+    """A dataclass field carrying its documentation and numeric bounds."""
+    meta = {"help": help, "min": min, "max": max}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NpmParams:
+    command: list[str] = _f(factory=lambda: ["npm", "pack"],
+                            help="argv prefix that fetches one package as NAME-VERSION.tgz into the cwd")
+    labels: str = _f("emojibase-data@17.0.0", help="npm package with Unicode/CLDR labels (en/data.json)")
+    images: dict[str, str] = _f(factory=dict, help="vendor -> npm package with img/<vendor>/<size>/*.png")
+    image_size: int = _f(64, help="which PNG size folder of the packages to read", min=16, max=256)
+
+
+@dataclass(frozen=True)
+class VendorParams:
+    pretrain: list[str] = _f(factory=list, help="vendors whose image-text pairs pretrain the backbone")
+    meta: list[str] = _f(factory=list, help="vendors whose image-text pairs are the meta-training corpus")
+    heldout: list[str] = _f(factory=list, help="vendors kept out of all training, for evaluation only")
+
+
+@dataclass(frozen=True)
+class SubsetParams:
+    groups: Optional[list[str]] = _f(None, help="keep only these Unicode groups (null: all)")
+    max_per_subgroup: Optional[int] = _f(None, help="keep at most this many emojis per subgroup (null: all)", min=1)
+    min_per_subgroup: int = _f(1, help="drop subgroups with fewer emojis than this", min=1)
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    train: float = _f(0.5, help="fraction of each class's emojis in the train split", min=0.0, max=1.0)
+    val: float = _f(0.1, help="fraction in the val split; the rest is test", min=0.0, max=1.0)
+    base_fraction: float = _f(0.5, help="fraction of classes that are 'base' in base-to-new", min=0.0, max=1.0)
+    seed: int = _f(0, help="seed of the split and of the base/new class draw", min=0)
+
+
+@dataclass(frozen=True)
+class DatasetParams:
+    level: Literal["subgroup", "group"] = _f("subgroup", help="Unicode level that defines the classes")
+    min_per_class: int = _f(1, help="drop classes with fewer emojis than this", min=1)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["npm", "paper"] = _f("npm", help="npm: emoji world; paper: external shards and datasets")
+    npm: NpmParams = _f(factory=NpmParams, help="where the emoji artwork and labels come from")
+    vendors: VendorParams = _f(factory=VendorParams, help="roles of the vendors (domains)")
+    subset: SubsetParams = _f(factory=SubsetParams, help="restrict the emoji set (tests, quick runs)")
+    split: SplitParams = _f(factory=SplitParams, help="train/val/test and base/new splits")
+    datasets: dict[str, DatasetParams] = _f(factory=dict, help="classification datasets to build")
+    shard_size: int = _f(1000, help="samples per webdataset shard", min=1)
+
+
+# --------------------------------------------------------------------------------------------
+# backbone
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TowerParams:
+    width: int = _f(256, help="hidden size", min=8)
+    layers: int = _f(4, help="transformer layers", min=1)
+    heads: int = _f(4, help="attention heads (must divide width)", min=1)
+    mlp: int = _f(1024, help="MLP hidden size", min=8)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    scale: list[float] = _f(factory=lambda: [0.85, 1.1], help="random zoom range")
+    rotate: float = _f(0.15, help="max rotation in radians", min=0.0, max=3.1416)
+    shift: float = _f(0.1, help="max shift as a fraction of the image side", min=0.0, max=0.5)
+    jitter: float = _f(0.2, help="brightness/contrast/saturation jitter strength", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class CaptionParams:
+    tags: int = _f(2, help="at most this many random tags in a caption", min=0)
+    hierarchy_p: float = _f(0.6, help="probability of appending the subgroup/group phrase", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    image_size: int = _f(32, help="input resolution of the vision tower", min=8)
+    patch: int = _f(8, help="patch size (must divide image_size)", min=1)
+    vision: TowerParams = _f(factory=lambda: TowerParams(256, 6, 4, 1024), help="vision tower")
+    text: TowerParams = _f(factory=TowerParams, help="text tower")
+    context: int = _f(24, help="text positions (max tokens incl. BOS/EOS)", min=4)
+    projection: int = _f(256, help="shared embedding size", min=8)
+    vocab_size: int = _f(3000, help="BPE vocabulary size trained on the labels and tags", min=64)
+    steps: int = _f(700, help="optimiser steps", min=1)
+    batch_size: int = _f(128, help="distinct emojis per step", min=2)
+    lr: float = _f(1.0e-3, help="peak AdamW learning rate", min=0.0)
+    logit_scale_lr: float = _f(1.0e-2, help="learning rate of the (log) temperature", min=0.0)
+    warmup: int = _f(30, help="linear warm-up steps before the cosine decay", min=0)
+    weight_decay: float = _f(0.1, help="AdamW weight decay on matrices only", min=0.0)
+    grad_clip: float = _f(1.0, help="gradient norm clip (0: off)", min=0.0)
+    augment: AugmentParams = _f(factory=AugmentParams, help="light image augmentation (no flips)")
+    caption: CaptionParams = _f(factory=CaptionParams, help="caption variants, sampled afresh each step")
+    checkpoint_every: int = _f(100, help="save a resumable checkpoint every N steps (0: never)", min=0)
+    seed: int = _f(0, help="seed of initialisation, sampling and augmentation", min=0)
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    source: Literal["pretrain", "hub"] = _f("pretrain", help="pretrain a small CLIP here, or load `model`")
+    model: Optional[str] = _f(None, help="hub id or local directory (source: hub)")
+    device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", help="inference dtype on the device")
+    pretrain: PretrainParams = _f(factory=PretrainParams, help="small-CLIP pretraining (source: pretrain)")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvaluateParams:
+    datasets: list[str] = _f(factory=list, help="classification datasets to evaluate (keys of data.datasets)")
+    domains: list[str] = _f(factory=list, help="domains (vendors) to evaluate on")
+    split: Literal["train", "val", "test"] = _f("test", help="split that is scored")
+    template: str = _f("a {} emoji.", help="prompt of the single-template zero-shot method")
+    ensemble: list[str] = _f(factory=list, help="prompts averaged by the template-ensemble method")
+    batch_size: int = _f(256, help="images per forward pass", min=1)
+
+
+@dataclass(frozen=True)
+class ProfileParams:
+    data: DataParams = _f(factory=DataParams, help="download stage")
+    backbone: BackboneParams = _f(factory=BackboneParams, help="backbone stage")
+    evaluate: EvaluateParams = _f(factory=EvaluateParams, help="evaluate stage")
+
+
+@dataclass(frozen=True)
+class GridParams:
+    methods: list[Literal["zeroshot", "zeroshot-ensemble"]] = _f(
+        factory=lambda: ["zeroshot", "zeroshot-ensemble"], help="evaluation methods, one job each")
+
+
+@dataclass(frozen=True)
+class Params:
+    profile: Literal["emoji", "paper", "tiny"] = _f("emoji", help="active profile")
+    grid: GridParams = _f(factory=GridParams, help="evaluation fan-out shared by all profiles")
+    emoji: ProfileParams = _f(factory=ProfileParams, help="laptop-sized emoji world")
+    paper: ProfileParams = _f(factory=ProfileParams, help="the paper's setup (real CLIP, CC3M, 11 datasets)")
+    tiny: ProfileParams = _f(factory=ProfileParams, help="seconds-sized profile for tests")
+
+    def active(self, profile: str | None = None) -> ProfileParams:
+        """The section of `profile` (default: the `profile:` key)."""
+        return getattr(self, profile or self.profile)
+
+
+# --------------------------------------------------------------------------------------------
+# parsing and validation
+# --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(typing.get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, where: str, meta: dict) -> Any:
+    """Check `value` against the annotation `tp`; returns the typed value."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: `{key}` must be {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key, where, meta)
+            except ConfigError:
+                if len([x for x in args if x is not type(None)]) == 1:
+                    raise
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", where, meta) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{key}.{k}", where, meta) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{where}: `{key}` = {value!r} is below its minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{where}: `{key}` = {value!r} is above its maximum {hi}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        dotted = ", ".join(f"`{prefix + '.' if prefix else ''}{k}`" for k in unknown)
+        raise ConfigError(f"{where}: unknown key {dotted} (allowed here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _convert(raw[name], hints[name], key, where, dict(f.metadata))
+    obj = cls(**kwargs)
+    _check(obj, prefix, where)
+    return obj
+
+
+def _check(obj: Any, prefix: str, where: str) -> None:
+    """Constraints that involve several fields."""
+    def err(msg: str) -> ConfigError:
+        return ConfigError(f"{where}: `{prefix}`: {msg}")
+
+    if isinstance(obj, SplitParams) and obj.train + obj.val >= 1.0:
+        raise err(f"train + val = {obj.train + obj.val} leaves no test split")
+    if isinstance(obj, TowerParams) and obj.width % obj.heads:
+        raise err(f"width {obj.width} is not divisible by heads {obj.heads}")
+    if isinstance(obj, PretrainParams) and obj.image_size % obj.patch:
+        raise err(f"image_size {obj.image_size} is not divisible by patch {obj.patch}")
+    if isinstance(obj, AugmentParams) and (len(obj.scale) != 2 or not 0 < obj.scale[0] <= obj.scale[1]):
+        raise err(f"scale must be [low, high] with 0 < low <= high, got {obj.scale}")
+    if isinstance(obj, BackboneParams) and obj.source == "hub" and not obj.model:
+        raise err("source: hub needs `model` (a hub id or a local directory)")
+    if isinstance(obj, ProfileParams):
+        unknown = sorted(set(obj.evaluate.datasets) - set(obj.data.datasets))
+        if unknown:
+            raise err(f"evaluate.datasets names {unknown}, which data.datasets does not define")
+        roles = obj.data.vendors
+        known = set(obj.data.npm.images) if obj.data.source == "npm" else None
+        for role in ("pretrain", "meta", "heldout"):
+            for v in getattr(roles, role):
+                if known is not None and v not in known:
+                    raise err(f"data.vendors.{role} names {v!r}, which data.npm.images does not define")
+        if known is not None:
+            extra = sorted(set(obj.evaluate.domains) - known)
+            if extra:
+                raise err(f"evaluate.domains names {extra}, which data.npm.images does not define")
+            if obj.backbone.source == "pretrain" and not roles.pretrain:
+                raise err("backbone.source: pretrain needs at least one vendor in data.vendors.pretrain")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the parameter file ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def from_dict(raw: dict, where: str = "<params>") -> Params:
+    """Validate a parsed params mapping (e.g. Snakemake's `config`)."""
+    return _build(Params, raw, "", where)
+
+
+def load(path: str | Path = "params.yaml", profile: str | None = None) -> tuple[Params, ProfileParams]:
+    """Load and validate `path`; returns (all params, the section of `profile`)."""
+    params = from_dict(read_yaml(path), str(path))
+    if profile is not None and profile not in PROFILES:
+        raise ConfigError(f"{path}: unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+    return params, params.active(profile)
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain data (for JSON records)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+# --------------------------------------------------------------------------------------------
+# JSON schema (for Snakemake's `validate`)
+# --------------------------------------------------------------------------------------------
+def _schema_of(tp: Any, meta: dict, defs: dict) -> dict:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        out = {"anyOf": [_schema_of(a, meta, defs) for a in typing.get_args(tp)]}
+    elif origin is Literal:
+        out = {"enum": list(typing.get_args(tp))}
+    elif origin is list:
+        out = {"type": "array", "items": _schema_of(typing.get_args(tp)[0], {}, defs)}
+    elif origin is dict:
+        out = {"type": "object", "additionalProperties": _schema_of(typing.get_args(tp)[1], {}, defs)}
+    elif dataclasses.is_dataclass(tp):
+        name = tp.__name__
+        if name not in defs:
+            defs[name] = {}  # placeholder against recursion
+            hints = typing.get_type_hints(tp)
+            props = {}
+            for f in dataclasses.fields(tp):
+                props[f.name] = _schema_of(hints[f.name], dict(f.metadata), defs)
+                props[f.name]["description"] = f.metadata["help"]
+            defs[name] = {"type": "object", "additionalProperties": False, "properties": props}
+        out = {"$ref": f"#/definitions/{name}"}
+    elif tp is type(None):
+        out = {"type": "null"}
+    else:
+        out = {"type": {bool: "boolean", int: "integer", float: "number", str: "string"}[tp]}
+        if meta.get("min") is not None:
+            out["minimum"] = meta["min"]
+        if meta.get("max") is not None:
+            out["maximum"] = meta["max"]
+    return out
+
+
+def json_schema() -> dict:
+    """JSON schema of params.yaml, generated from the dataclasses above."""
+    defs: dict = {}
+    root = _schema_of(Params, {}, defs)
+    top = defs.pop("Params")
+    return {"$schema": "http://json-schema.org/draft-07/schema#",
+            "description": "gram params.yaml (generated by `gram schema`; do not edit)",
+            **top, "definitions": dict(sorted(defs.items()))} if root else {}

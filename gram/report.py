@@ -1,0 +1,184 @@
+"""Report stage: evaluation JSONs -> Markdown and CSV tables, a JSON summary and PNG plots. [ours]
+
+Reads `<eval>/<method>/<dataset>/<domain>.json` for the methods of `grid.methods` and writes under
+`--out`:
+    zero_shot.md     per dataset, methods x domains: accuracy / class-balanced accuracy (%), with
+                     chance and majority rows and each domain's role (pretrain, meta, held out)
+    zero_shot.csv    the same, one row per (dataset, domain, method): for `dvc plots` and pandas
+    zero_shot.json   mean balanced accuracy per (dataset, method) over the domains: `dvc metrics`
+    zero_shot.png    balanced accuracy per domain, one panel per dataset
+    backbone.png     the pretraining loss curve (a note for a hub backbone)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+from gram.config import Params, ProfileParams
+from gram.io import atomic_path, read_json, write_json, write_text
+
+log = logging.getLogger("gram.report")
+
+CSV_FIELDS = ["dataset", "domain", "role", "method", "n", "n_classes", "accuracy", "balanced_accuracy"]
+
+
+def domain_roles(prof: ProfileParams) -> dict[str, str]:
+    roles: dict[str, str] = {}
+    for role, name in (("pretrain", "pretrain"), ("meta", "meta-train"), ("heldout", "held out")):
+        for v in getattr(prof.data.vendors, role):
+            roles.setdefault(v, name)
+    return roles
+
+
+def collect(eval_dir: Path, methods: list[str], datasets: list[str], domains: list[str]) -> list[dict]:
+    """All evaluation records, in table order; a missing file is an error naming it."""
+    rows = []
+    for ds in datasets:
+        for dom in domains:
+            for m in methods:
+                rows.append(read_json(eval_dir / m / ds / f"{dom}.json"))
+    return rows
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(rows: list[dict], profile: str, methods: list[str], datasets: list[str], domains: list[str],
+             roles: dict[str, str], backbone: dict | None) -> str:
+    by = {(r["dataset"], r["domain"], r["method"]): r for r in rows}
+    out = [f"# Zero-shot classification — profile `{profile}`"]
+    split = rows[0]["split"] if rows else "test"
+    out.append(f"\nSplit: **{split}**. Cells: accuracy / class-balanced accuracy (mean per-class recall), in %. "
+               "`chance` is 1/classes; `majority` always predicts the most frequent class of the split.")
+    if profile != "paper":
+        out.append("\nThe class names (Unicode subgroup and group words) appear in the backbone's pretraining "
+                   "captions, so 'zero-shot' here means names the text tower has seen, on artwork of "
+                   "vendors it may not have seen (see the role of each column).")
+    if backbone and backbone.get("source") == "pretrain":
+        out.append(f"\nBackbone: small CLIP pretrained here, {backbone['parameters'] / 1e6:.1f} M parameters, "
+                   f"{backbone['steps']} steps in {backbone['seconds'] / 60:.1f} min, final loss "
+                   f"{backbone['loss'][-1]:.3f}.")
+    elif backbone:
+        out.append(f"\nBackbone: `{backbone.get('model')}`.")
+    for ds in datasets:
+        first = by[(ds, domains[0], methods[0])]
+        out += ["", f"## {ds} ({first['n_classes']} classes, {first['n']} test images per domain)", ""]
+        head = "| method | " + " | ".join(f"{d} ({roles.get(d, 'eval')})" for d in domains) + " |"
+        out += [head, "|" + "---|" * (len(domains) + 1)]
+        cells = [pct(by[(ds, d, methods[0])]["chance_balanced_accuracy"]) for d in domains]
+        out.append("| chance | " + " | ".join(f"{c} / {c}" for c in cells) + " |")
+        out.append("| majority | " + " | ".join(
+            f"{pct(by[(ds, d, methods[0])]['majority_accuracy'])} / {pct(by[(ds, d, methods[0])]['chance_balanced_accuracy'])}"
+            for d in domains) + " |")
+        for m in methods:
+            out.append(f"| {m} | " + " | ".join(
+                f"{pct(by[(ds, d, m)]['accuracy'])} / {pct(by[(ds, d, m)]['balanced_accuracy'])}" for d in domains) + " |")
+    return "\n".join(out) + "\n"
+
+
+def to_csv(rows: list[dict], roles: dict[str, str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({"dataset": r["dataset"], "domain": r["domain"], "role": roles.get(r["domain"], "eval"),
+                    "method": r["method"], "n": r["n"], "n_classes": r["n_classes"],
+                    "accuracy": f"{r['accuracy']:.4f}", "balanced_accuracy": f"{r['balanced_accuracy']:.4f}"})
+    return buf.getvalue()
+
+
+def summary(rows: list[dict], methods: list[str], datasets: list[str]) -> dict:
+    out: dict = {}
+    for ds in datasets:
+        for m in methods:
+            sel = [r for r in rows if r["dataset"] == ds and r["method"] == m]
+            out.setdefault(ds, {})[m] = {
+                "balanced_accuracy": round(sum(r["balanced_accuracy"] for r in sel) / len(sel), 4),
+                "accuracy": round(sum(r["accuracy"] for r in sel) / len(sel), 4)}
+    return out
+
+
+def plot_zero_shot(rows: list[dict], path: Path, methods: list[str], datasets: list[str], domains: list[str],
+                   roles: dict[str, str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by = {(r["dataset"], r["domain"], r["method"]): r for r in rows}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    width = 0.8 / len(methods)
+    for ax, ds in zip(axes[0], datasets):
+        x = np.arange(len(domains))
+        for i, m in enumerate(methods):
+            ax.bar(x + i * width - 0.4 + width / 2, [100 * by[(ds, d, m)]["balanced_accuracy"] for d in domains],
+                   width, label=m)
+        chance = 100 * by[(ds, domains[0], methods[0])]["chance_balanced_accuracy"]
+        ax.axhline(chance, color="k", ls="--", lw=1, label="chance")
+        ax.set_xticks(x, [f"{d}\n({roles.get(d, 'eval')})" for d in domains], fontsize=8)
+        ax.set_title(f"{ds} ({by[(ds, domains[0], methods[0])]['n_classes']} classes)")
+        ax.set_ylabel("class-balanced accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_loss(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if record.get("loss"):
+        ax.plot(range(1, len(record["loss"]) + 1), record["loss"], lw=1)
+    else:  # a hub model: nothing was trained here, but the output exists for every profile
+        ax.text(0.5, 0.5, f"no pretraining: {record.get('model', 'loaded backbone')}", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("step")
+    ax.set_ylabel("contrastive loss")
+    ax.set_title("backbone pretraining")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | Path | None, out: str | Path) -> str:
+    prof = params.active(profile)
+    eval_dir, out = Path(eval_dir), Path(out)
+    methods, datasets, domains = list(params.grid.methods), list(prof.evaluate.datasets), list(prof.evaluate.domains)
+    if not (methods and datasets and domains):
+        raise ValueError(f"profile {profile}: nothing to report (grid.methods, evaluate.datasets and "
+                         "evaluate.domains must all be non-empty)")
+    roles = domain_roles(prof)
+    rows = collect(eval_dir, methods, datasets, domains)
+    backbone = None
+    if backbone_dir is not None and (Path(backbone_dir) / "pretrain.json").exists():
+        backbone = read_json(Path(backbone_dir) / "pretrain.json")
+    md = markdown(rows, profile, methods, datasets, domains, roles, backbone)
+    write_text(out / "zero_shot.md", md)
+    write_text(out / "zero_shot.csv", to_csv(rows, roles))
+    write_json(out / "zero_shot.json", summary(rows, methods, datasets))
+    plot_zero_shot(rows, out / "zero_shot.png", methods, datasets, domains, roles)
+    plot_loss(backbone or {}, out / "backbone.png")
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gram.cli import stage_parser, stage_setup
+
+    p = stage_parser("report", __doc__)
+    p.add_argument("--eval", required=True, help="evaluation directory, e.g. results/emoji/eval")
+    p.add_argument("--backbone", default=None, help="backbone directory (for its pretraining record)")
+    p.add_argument("--out", required=True, help="directory of the tables, e.g. results/emoji")
+    args = p.parse_args(argv)
+    params, _ = stage_setup(args)
+    run(params, args.profile or params.profile, args.eval, args.backbone, args.out)

@@ -1,0 +1,15 @@
+rule download:
+    input:
+        sources("data", "io.py"),
+    output:
+        shards=directory("data/{profile}/shards"),
+        datasets=directory("data/{profile}/datasets"),
+        report="data/{profile}/download.json",
+    params:
+        data=section("data"),
+    log:
+        "logs/{profile}/download.log",
+    conda:
+        "../envs/gram.yaml"
+    shell:
+        "gram download --params params.yaml --profile {wildcards.profile} --out data/{wildcards.profile} --log {log}"
