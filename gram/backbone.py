@@ -7,8 +7,8 @@ GRAM never updates the CLIP weights; it learns prompts around a frozen backbone.
 - `source: pretrain` builds a small `CLIPConfig` (sizes in params) and trains it contrastively on the
   pretraining vendors' image-text shards, with caption variants sampled afresh every step and light
   augmentation (no flips: arrows and other directional emojis change meaning). Its tokenizer is a
-  byte-pair encoding trained with the `tokenizers` library on the emoji labels, tags and Unicode
-  group names; special tokens are `<pad> <unk> <s> </s>` = ids 0..3 with EOS id 3, because
+  word-level vocabulary (`tokenizers` WordLevel) of the emoji labels, tags and Unicode group
+  names; special tokens are `<pad> <unk> <s> </s>` = ids 0..3 with EOS id 3, because
   `CLIPTextTransformer` pools at `argmax(input_ids)` instead of at the EOS token when
   `eos_token_id == 2`.
 
@@ -173,20 +173,31 @@ def load(model: str | Path, device: str = "auto", dtype: str = "float32") -> Bac
 # the small emoji CLIP: tokenizer, config, captions, augmentation
 # ------------------------------------------------------------------------------------------------
 def train_tokenizer(texts: list[str], vocab_size: int, context: int):
-    """A lower-cased BPE (`</w>` word ends) over `texts`, wrapped as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-cased word-level tokenizer over `texts`, wrapped as a transformers tokenizer.
+
+    The vocabulary is the `vocab_size - 4` most frequent words (ties broken alphabetically), so the
+    same texts always give the same ids; unseen words map to `<unk>`. (The `tokenizers` BPE trainer
+    breaks ties between equally frequent pairs differently from run to run, which made pretraining
+    irreproducible; the emoji world's closed vocabulary does not need sub-words.)
+    """
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, end_of_word_suffix="</w>",
-                                  show_progress=False)
-    bpe.train_from_iterator(texts, trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
-    assert [bpe.token_to_id(t) for t in SPECIALS] == [0, 1, 2, 3]
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+    norm = normalizers.Sequence([normalizers.NFKD(), normalizers.StripAccents(), normalizers.Lowercase()])
+    pre = pre_tokenizers.Whitespace()
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: max(0, vocab_size - len(SPECIALS))]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab.update({w: i + len(SPECIALS) for i, (w, _) in enumerate(ranked)})
+    wl = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    wl.normalizer = norm
+    wl.pre_tokenizer = pre
+    wl.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 2), ("</s>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=wl, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", model_max_length=context)
 
 
@@ -285,7 +296,7 @@ def _optimizer(model, p: PretrainParams) -> torch.optim.Optimizer:
 
 
 def _save_checkpoint(ckpt: Path, model, opt, step: int, digest: str, losses: list, rng: random.Random,
-                     gen: torch.Generator) -> None:
+                     gen: torch.Generator, perm: list[int]) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -294,24 +305,24 @@ def _save_checkpoint(ckpt: Path, model, opt, step: int, digest: str, losses: lis
         for k, v in s.items():
             tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).clone().contiguous()
     tensors["rng.torch"] = gen.get_state()
-    meta = {"step": step, "digest": digest, "losses": losses, "py_rng": repr(rng.getstate())}
+    meta = {"step": step, "digest": digest, "losses": losses, "py_rng": repr(rng.getstate()), "perm": perm}
     with atomic_dir(ckpt) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         write_json(tmp / "state.json", meta)
 
 
 def _load_checkpoint(ckpt: Path, model, opt, digest: str, rng: random.Random, gen: torch.Generator):
-    """Resume from `ckpt` if it was written with the same parameters; returns (step, losses)."""
+    """Resume from `ckpt` if it was written with the same parameters; returns (step, losses, perm)."""
     import ast
 
     from safetensors.torch import load_file
 
     if not (ckpt / "state.json").exists():
-        return 0, []
+        return 0, [], []
     meta = json.loads((ckpt / "state.json").read_text())
     if meta["digest"] != digest:
         log.info("ignoring checkpoint %s: written with other parameters", ckpt)
-        return 0, []
+        return 0, [], []
     t = load_file(str(ckpt / "state.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     state = opt.state_dict()
@@ -323,7 +334,7 @@ def _load_checkpoint(ckpt: Path, model, opt, digest: str, rng: random.Random, ge
     gen.set_state(t["rng.torch"])
     rng.setstate(ast.literal_eval(meta["py_rng"]))
     log.info("resuming pretraining from step %d (%s)", meta["step"], ckpt)
-    return meta["step"], meta["losses"]
+    return meta["step"], meta["losses"], meta["perm"]
 
 
 def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, all_texts: list[str]) -> dict:
@@ -361,12 +372,11 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
 
     opt = _optimizer(model, p)
     digest = config_digest({"pretrain": to_dict(p), "shards": [str(d) for d in shard_dirs], "n": n})
-    start, losses = _load_checkpoint(ckpt, model, opt, digest, rng, gen)
+    start, losses, perm = _load_checkpoint(ckpt, model, opt, digest, rng, gen)
     params = [q for g in opt.param_groups for q in g["params"]]
     max_scale = math.log(100.0)
     t0 = time.time()
     bar = tqdm(range(start, p.steps), desc="pretrain", unit="step", initial=start, total=p.steps)
-    perm: list[int] = []
     for step in bar:
         # distinct emojis per step: walk a fresh permutation, epoch after epoch
         while len(perm) < bs:
@@ -390,7 +400,7 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
         losses.append(round(loss.item(), 4))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
         if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
-            _save_checkpoint(ckpt, model, opt, step + 1, digest, losses, rng, gen)
+            _save_checkpoint(ckpt, model, opt, step + 1, digest, losses, rng, gen, perm)
     elapsed = time.time() - t0
 
     model.eval()
@@ -411,7 +421,7 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
 # stage
 # ------------------------------------------------------------------------------------------------
 def corpus_texts(shard_dirs: list[Path]) -> list[str]:
-    """Every word source of the captions (labels, tags, group names), for the tokenizer."""
+    """Every word source of the captions (labels, tags, group names), for the vocabulary."""
     from gram.data.shards import iter_samples, shard_paths
 
     texts = ["an emoji of a", "emoji from"]

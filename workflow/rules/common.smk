@@ -27,7 +27,9 @@ def sources(*names):
     out = []
     for name in names:
         path = Path("gram") / name
-        out += sorted(str(p) for p in path.rglob("*.py")) if path.is_dir() else [str(path)]
+        out += (
+            sorted(str(p) for p in path.rglob("*.py")) if path.is_dir() else [str(path)]
+        )
     return out
 
 

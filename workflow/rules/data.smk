@@ -5,11 +5,11 @@ rule download:
         shards=directory("data/{profile}/shards"),
         datasets=directory("data/{profile}/datasets"),
         report="data/{profile}/download.json",
-    params:
-        data=section("data"),
     log:
         "logs/{profile}/download.log",
     conda:
         "../envs/gram.yaml"
+    params:
+        data=section("data"),
     shell:
         "gram download --params params.yaml --profile {wildcards.profile} --out data/{wildcards.profile} --log {log}"

@@ -6,13 +6,13 @@ rule evaluate:
         backbone="models/{profile}/backbone",
     output:
         directory("results/{profile}/eval/{method}"),
-    params:
-        evaluate=section("evaluate"),
-        device=section("backbone", "device"),
-        dtype=section("backbone", "dtype"),
     log:
         "logs/{profile}/evaluate-{method}.log",
     conda:
         "../envs/gram.yaml"
+    params:
+        evaluate=section("evaluate"),
+        device=section("backbone", "device"),
+        dtype=section("backbone", "dtype"),
     shell:
         "gram evaluate --params params.yaml --profile {wildcards.profile} --method {wildcards.method} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out results/{wildcards.profile}/eval/{wildcards.method} --log {log}"

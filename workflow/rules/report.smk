@@ -9,13 +9,13 @@ rule report:
         metrics="results/{profile}/zero_shot.json",
         plot="results/{profile}/zero_shot.png",
         loss="results/{profile}/backbone.png",
-    params:
-        methods=config["grid"]["methods"],
-        evaluate=section("evaluate"),
-        vendors=section("data", "vendors"),
     log:
         "logs/{profile}/report.log",
     conda:
         "../envs/gram.yaml"
+    params:
+        methods=config["grid"]["methods"],
+        evaluate=section("evaluate"),
+        vendors=section("data", "vendors"),
     shell:
         "gram report --params params.yaml --profile {wildcards.profile} --eval results/{wildcards.profile}/eval --backbone models/{wildcards.profile}/backbone --out results/{wildcards.profile} --log {log}"

@@ -1,0 +1,154 @@
+"""Backbone: tokenizer and EOS pooling, preprocessing, save/load round trip, pretraining and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gram import backbone as B
+from gram import config as C
+
+
+def test_tokenizer_special_ids_and_padding(tiny_clip_dir):
+    bb = B.load(tiny_clip_dir, "cpu")
+    tok = B.tokenize(bb.tokenizer, ["a happy circle", "circle"], 16)
+    ids = tok["input_ids"]
+    assert bb.tokenizer.convert_tokens_to_ids(["<pad>", "<unk>", "<s>", "</s>"]) == [0, 1, 2, 3]
+    assert (ids[:, 0] == 2).all()
+    eos = tok["attention_mask"].sum(1) - 1
+    assert (ids[torch.arange(2), eos] == 3).all() and ids[1, -1] == 0
+
+
+def test_truncation_keeps_eos(tiny_clip_dir):
+    bb = B.load(tiny_clip_dir, "cpu")
+    ids = B.tokenize(bb.tokenizer, [" ".join(["circle"] * 40)], 16)["input_ids"]
+    assert ids.shape[1] == 16 and ids[0, -1] == 3
+
+
+def test_text_features_pool_at_the_eos_token(tiny_clip_dir):
+    """transformers pools at argmax(ids) when eos_token_id == 2; ours (3) must pool at the EOS."""
+    bb = B.load(tiny_clip_dir, "cpu")
+    tok = B.tokenize(bb.tokenizer, ["a happy circle", "square"], 16)
+    assert (tok["input_ids"].max(1).values > 3).all()  # argmax pooling would pick another position
+    tm = bb.model.text_model
+    out = tm(**tok)
+    eos = tok["attention_mask"].sum(1) - 1
+    expect = out.last_hidden_state[torch.arange(2), eos]
+    torch.testing.assert_close(out.pooler_output, expect, rtol=0, atol=0)
+
+
+def test_preprocess_matches_the_image_processor(tiny_clip_dir):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    imgs[:, 16:48, 16:48] = [200, 40, 40]  # structure, not only noise
+    spec = B.image_spec(tiny_clip_dir)
+    ours = B.preprocess(imgs, spec)
+    ref = CLIPImageProcessorPil.from_pretrained(tiny_clip_dir)(list(imgs), return_tensors="pt")["pixel_values"]
+    assert ours.shape == ref.shape == (3, 3, 32, 32)
+    # PIL's and torch's antialiased bicubic kernels differ slightly at the same size: < 3/255 in
+    # pixel units, i.e. 6/255 after normalisation with std 0.5
+    assert (ours - ref).abs().max() < 6 / 255
+    assert (ours - ref).abs().mean() < 1 / 255
+
+
+def test_preprocess_resizes_shortest_side_and_centre_crops():
+    spec = B.ImageSpec(size=8, crop=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    img = np.zeros((1, 16, 32, 3), np.uint8)
+    img[:, :, 8:24] = 255  # the central half is white
+    x = B.preprocess(img, spec)
+    assert x.shape == (1, 3, 8, 8)
+    # the crop keeps the white half; only the bicubic kernel at its border sees the black quarters
+    torch.testing.assert_close(x[..., 1:-1], torch.ones_like(x[..., 1:-1]), atol=1e-3, rtol=0)
+    assert x[..., 0].min() > 0.9
+
+
+def test_round_trip_through_the_backbone_stage(tiny_clip_dir, tmp_path):
+    """`source: hub` with a local directory saves a copy that loads to identical features."""
+    cfg = C.BackboneParams(source="hub", model=str(tiny_clip_dir), device="cpu")
+    B.run(cfg, [], None, tmp_path / "bb")
+    a, b = B.load(tiny_clip_dir, "cpu"), B.load(tmp_path / "bb", "cpu")
+    texts = ["a happy circle emoji.", "a calm ring"]
+    imgs = np.random.default_rng(1).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    torch.testing.assert_close(a.encode_texts(texts), b.encode_texts(texts), rtol=0, atol=0)
+    torch.testing.assert_close(a.encode_images(imgs), b.encode_images(imgs), rtol=0, atol=0)
+    f = a.encode_images(imgs)
+    torch.testing.assert_close(f.norm(dim=-1), torch.ones(4))
+    assert not any(p.requires_grad for p in b.model.parameters())
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)cannot load CLIP .no-such-org/no-such-clip.*hf download no-such-org/no-such-clip"):
+        B.load("no-such-org/no-such-clip", "cpu")
+
+
+def test_augment_keeps_range_and_fills_white():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.ones(4, 3, 16, 16) * 0.5
+    y = B.augment(x, C.AugmentParams(scale=[0.5, 0.5], rotate=0.0, shift=0.0, jitter=0.0), gen)
+    assert y.min() >= 0 and y.max() <= 1
+    assert torch.allclose(y[:, :, 0, 0], torch.ones(4, 3)) and torch.allclose(y[:, :, 8, 8], x[:, :, 8, 8])
+
+
+def test_captions_start_from_the_label_and_vary():
+    import random
+
+    meta = {"label": "grinning face", "tags": ["face", "happy", "joy", "smile"], "group": "smileys-emotion",
+            "subgroup": "face-smiling"}
+    rng = random.Random(0)
+    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2, hierarchy_p=0.5)) for _ in range(200)}
+    assert len(caps) > 10 and all("grinning face" in c for c in caps)
+    assert any("a face smiling emoji from smileys emotion" in c for c in caps)
+
+
+def tiny_pretrain(prof, **kw) -> C.PretrainParams:
+    return dataclasses.replace(prof.backbone.pretrain, **kw)
+
+
+def test_pretraining_lowers_the_loss_and_saves_a_loadable_model(tiny_data, tiny_params, tmp_path):
+    prof = tiny_params[1]
+    record = B.run(dataclasses.replace(prof.backbone, pretrain=tiny_pretrain(prof, steps=40)), ["google"],
+                   tiny_data, tmp_path / "bb")
+    loss = record["loss"]
+    assert len(loss) == 40 and np.isfinite(loss).all()
+    assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 0.3
+    bb = B.load(tmp_path / "bb", "cpu")
+    assert bb.model.config.text_config.eos_token_id == 3 and bb.spec.crop == 32
+    assert json.loads((tmp_path / "bb" / B.PRETRAIN_LOG).read_text())["steps"] == 40
+    assert not (tmp_path / ".bb.ckpt").exists()  # the checkpoint is gone after success
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(tiny_data, tiny_params, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    prof = tiny_params[1]
+    cfg = dataclasses.replace(prof.backbone, pretrain=tiny_pretrain(prof, steps=8, checkpoint_every=3))
+    B.run(cfg, ["google"], tiny_data, tmp_path / "full")
+
+    calls = {"n": 0}
+    real = B.augment
+
+    def crash_at_step_7(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(B, "augment", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        B.run(cfg, ["google"], tiny_data, tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()
+    assert json.loads((tmp_path / ".resumed.ckpt" / "state.json").read_text())["step"] == 6
+    monkeypatch.setattr(B, "augment", real)
+    record = B.run(cfg, ["google"], tiny_data, tmp_path / "resumed")
+    assert record["resumed_from"] == 6
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    diff = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    assert max(diff.values()) == 0, diff

@@ -1,0 +1,117 @@
+"""params.yaml loading and validation: every profile loads, bad input names the key and the file."""
+
+from __future__ import annotations
+
+import copy
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import ROOT
+from gram import config as C
+from gram.schema import render
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("profile", C.PROFILES)
+def test_every_profile_loads(profile):
+    params, prof = C.load(ROOT / "params.yaml", profile)
+    assert prof is getattr(params, profile)
+    assert isinstance(prof.backbone, C.BackboneParams)
+
+
+def test_default_profile_is_emoji():
+    params, prof = C.load(ROOT / "params.yaml")
+    assert params.profile == "emoji" and prof is params.emoji
+    assert prof.data.vendors.pretrain == ["google", "twitter"]
+    assert prof.backbone.pretrain.lr == 1.0e-3 and isinstance(prof.backbone.pretrain.lr, float)
+
+
+def write(tmp_path, raw) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_unknown_key_names_key_and_file(tmp_path, raw):
+    raw["emoji"]["backbone"]["pretrain"]["learning_rate"] = 0.1
+    path = write(tmp_path, raw)
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: unknown key `emoji\.backbone\.pretrain\.learning_rate`"):
+        C.load(path)
+
+
+def test_wrong_type_names_key(tmp_path, raw):
+    raw["emoji"]["backbone"]["pretrain"]["steps"] = "700"
+    with pytest.raises(C.ConfigError, match=r"`emoji\.backbone\.pretrain\.steps` must be int, got '700'"):
+        C.load(write(tmp_path, raw))
+
+
+def test_bool_is_not_an_int(tmp_path, raw):
+    raw["tiny"]["data"]["shard_size"] = True
+    with pytest.raises(C.ConfigError, match=r"`tiny\.data\.shard_size` must be int"):
+        C.load(write(tmp_path, raw))
+
+
+def test_out_of_range_names_key(tmp_path, raw):
+    raw["emoji"]["data"]["split"]["train"] = 1.5
+    with pytest.raises(C.ConfigError, match=r"`emoji\.data\.split\.train` = 1\.5 is above its maximum 1\.0"):
+        C.load(write(tmp_path, raw))
+
+
+def test_literal_values(tmp_path, raw):
+    raw["profile"] = "laptop"
+    with pytest.raises(C.ConfigError, match=r"`profile` must be one of 'emoji', 'paper', 'tiny'"):
+        C.load(write(tmp_path, raw))
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda r: r["emoji"]["data"]["split"].update(train=0.6, val=0.4), "leaves no test split"),
+    (lambda r: r["emoji"]["backbone"]["pretrain"]["vision"].update(heads=5), "not divisible by heads"),
+    (lambda r: r["emoji"]["data"]["vendors"].update(heldout=["samsung"]), "'samsung'"),
+    (lambda r: r["emoji"]["evaluate"].update(datasets=["flags"]), "'flags'"),
+    (lambda r: r["paper"]["backbone"].update(model=None), "source: hub needs `model`"),
+])
+def test_cross_field_checks(tmp_path, raw, edit, msg):
+    edit(raw)
+    with pytest.raises(C.ConfigError, match=msg):
+        C.load(write(tmp_path, raw))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(C.ConfigError, match="nope.yaml: cannot read"):
+        C.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: [emoji\n")
+    with pytest.raises(C.ConfigError, match="bad.yaml: not valid YAML"):
+        C.load(bad)
+
+
+def test_yaml_1_1_and_1_2_readers_agree():
+    """Snakemake reads params.yaml with PyYAML (YAML 1.1), DVC with ruamel (YAML 1.2)."""
+    from ruamel.yaml import YAML
+
+    text = (ROOT / "params.yaml").read_text()
+    assert yaml.safe_load(text) == YAML(typ="safe", pure=True).load(text)
+
+
+def test_schema_is_generated_from_config():
+    committed = (ROOT / "workflow/schemas/params.schema.yaml").read_text()
+    assert committed == render(), "run `gram schema` to regenerate workflow/schemas/params.schema.yaml"
+
+
+def test_schema_accepts_params_and_rejects_what_the_loader_rejects(raw):
+    schema = yaml.safe_load(render())
+    jsonschema.validate(raw, schema)
+    bad = copy.deepcopy(raw)
+    bad["emoji"]["backbone"]["pretrain"]["steps"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+    bad = copy.deepcopy(raw)
+    bad["emoji"]["backbone"]["typo"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)

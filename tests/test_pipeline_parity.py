@@ -1,0 +1,77 @@
+"""Snakemake and DVC describe the same pipeline: the same `gram` commands, the same lint-clean files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+PROJECT_FILES = ["Snakefile", "workflow", "dvc.yaml", "params.yaml", "gram", "tests/fake_npm.py"]
+
+
+def copy_project(dest: Path, profile: str) -> Path:
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    params = dest / "params.yaml"
+    params.write_text(re.sub(r"(?m)^profile: \w+", f"profile: {profile}", params.read_text()))
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def snakemake_commands(cwd: Path) -> Counter:
+    out = run(["snakemake", "-n", "-p", "--forceall", "--nocolor", "--cores", "1"], cwd)
+    return Counter(line.split("Shell command: ", 1)[1].strip() for line in out.splitlines()
+                   if "Shell command: " in line and not line.endswith("None"))
+
+
+def dvc_commands(cwd: Path) -> Counter:
+    out = run(["dvc", "repro", "--dry", "--force"], cwd)
+    return Counter(line[2:].strip() for line in out.splitlines() if line.startswith("> "))
+
+
+@pytest.mark.parametrize("profile", ["emoji", "tiny"])
+def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
+    cwd = copy_project(tmp_path, profile)
+    smk, dvc = snakemake_commands(cwd), dvc_commands(cwd)
+    assert smk and smk == dvc
+    stages = Counter(c.split()[1] for c in smk)
+    assert stages == {"download": 1, "backbone": 1, "evaluate": 2, "report": 1}
+    assert all(f"--profile {profile}" in c for c in smk)
+
+
+def test_dvc_params_name_existing_sections():
+    """Every `params:` entry of dvc.yaml resolves in params.yaml for every profile."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for profile in ("emoji", "tiny"):
+        for name, st in stages.items():
+            for key in st.get("params", []):
+                node = params
+                for part in key.replace("${profile}", profile).split("."):
+                    assert part in node, f"dvc.yaml stage {name}: params key {key} missing for {profile}"
+                    node = node[part]
+
+
+def test_snakemake_lint_and_format():
+    out = run(["snakemake", "--lint", "--cores", "1"], ROOT)
+    assert "Congratulations, your workflow is in a good condition!" in out, out
+    assert "may not be validated correctly" not in out, out
+    run(["snakefmt", "--check", "Snakefile", "workflow/rules"], ROOT)
