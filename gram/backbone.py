@@ -148,7 +148,9 @@ def load(model: str | Path, device: str = "auto", dtype: str = "float32") -> Bac
         and the hub cannot be reached.
     """
     from transformers import AutoTokenizer, CLIPModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per weight file is noise in stage logs
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
@@ -227,11 +229,14 @@ def words(slug: str) -> str:
 
 def sample_caption(meta: dict, rng: random.Random, c: CaptionParams) -> str:
     """One caption variant for an emoji (label first, so truncation drops tags, not the label)."""
-    label = meta["label"]
+    label, sub, group = meta["label"], words(meta["subgroup"]), words(meta["group"])
+    if rng.random() < c.class_p:  # the coarse description alone: what a zero-shot class prompt says
+        return rng.choice([f"a {sub} emoji", f"an emoji of {sub}", sub, f"a {sub} emoji from {group}",
+                           f"a {group} emoji"])
     tags = [t for t in meta.get("tags", []) if t.lower() not in label.lower()]
     k = rng.randint(0, min(c.tags, len(tags))) if tags else 0
     picked = ", ".join(rng.sample(tags, k)) if k else ""
-    h = f", a {words(meta['subgroup'])} emoji from {words(meta['group'])}" if rng.random() < c.hierarchy_p else ""
+    h = f", a {sub} emoji from {group}" if rng.random() < c.hierarchy_p else ""
     form = rng.randrange(4)
     if form == 0:
         return f"an emoji of a {label}{h}"
@@ -299,11 +304,11 @@ def _save_checkpoint(ckpt: Path, model, opt, step: int, digest: str, losses: lis
                      gen: torch.Generator, perm: list[int]) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     state = opt.state_dict()
     for pid, s in state["state"].items():
         for k, v in s.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).clone().contiguous()
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().clone().contiguous()
     tensors["rng.torch"] = gen.get_state()
     meta = {"step": step, "digest": digest, "losses": losses, "py_rng": repr(rng.getstate()), "perm": perm}
     with atomic_dir(ckpt) as tmp:
@@ -337,11 +342,14 @@ def _load_checkpoint(ckpt: Path, model, opt, digest: str, rng: random.Random, ge
     return meta["step"], meta["losses"], meta["perm"]
 
 
-def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, all_texts: list[str]) -> dict:
+def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, all_texts: list[str],
+             device: str = "cpu") -> dict:
     """Train a small CLIP contrastively on the image-text shards in `shard_dirs`; save it to `out`.
 
     Each step takes `batch_size` distinct emojis (so no two items are the same positive), each in
-    the artwork of one randomly chosen pretraining vendor, with a freshly sampled caption.
+    the artwork of one randomly chosen pretraining vendor, with a freshly sampled caption. Sampling
+    and augmentation run on the CPU with seeded generators (the same seed gives the same batches on
+    any device); the model trains in fp32 on `device`.
     """
     from transformers import CLIPModel
 
@@ -351,7 +359,8 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
     rng = random.Random(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
     tokenizer = train_tokenizer(all_texts, p.vocab_size, p.context)
-    model = CLIPModel(small_config(p, len(tokenizer)))
+    dev = resolve_device(device)
+    model = CLIPModel(small_config(p, len(tokenizer))).to(dev)  # before the optimizer sees it
     model.train()
     spec = ImageSpec(p.image_size, p.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -384,9 +393,14 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
         idx, perm = perm[:bs], perm[bs:]
         vend = torch.randint(0, n_vendors, (bs,), generator=gen)
         x = pixels[vend, torch.tensor(idx)]  # [B, 3, S, S]
-        x = normalize_pixels(augment(x, p.augment, gen), spec)
+        if p.augment.vendor_mix > 0 and n_vendors > 1:
+            other = pixels[torch.randint(0, n_vendors, (bs,), generator=gen), torch.tensor(idx)]
+            lam = torch.rand(bs, 1, 1, 1, generator=gen)
+            mix = torch.rand(bs, 1, 1, 1, generator=gen) < p.augment.vendor_mix
+            x = torch.where(mix, lam * x + (1 - lam) * other, x)
+        x = normalize_pixels(augment(x, p.augment, gen), spec).to(dev)
         texts = [sample_caption(metas[i], rng, p.caption) for i in idx]
-        tok = tokenize(tokenizer, texts, p.context)
+        tok = {k: v.to(dev) for k, v in tokenize(tokenizer, texts, p.context).items()}
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, p.warmup, p.steps)
         loss = model(**tok, pixel_values=x, return_loss=True).loss
@@ -403,7 +417,7 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
             _save_checkpoint(ckpt, model, opt, step + 1, digest, losses, rng, gen, perm)
     elapsed = time.time() - t0
 
-    model.eval()
+    model.eval().cpu()
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -456,7 +470,7 @@ def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path |
         raise ValueError("backbone.source: pretrain needs --data (the download stage's directory)")
     shard_dirs = [Path(data_dir) / "shards" / v for v in pretrain_vendors]
     ckpt = out.with_name(f".{out.name}.ckpt")
-    record = pretrain(cfg.pretrain, shard_dirs, out, ckpt, corpus_texts(shard_dirs))
+    record = pretrain(cfg.pretrain, shard_dirs, out, ckpt, corpus_texts(shard_dirs), cfg.device)
     if ckpt.exists():
         import shutil
 

@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module.main(argv[1:])
     except (C.ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        print(f"gram {argv[0]}: error: {e}", file=sys.stderr)
+        # expected failures (bad params, missing inputs, a missing tool) get one clear line;
+        # with -v/--verbose the traceback too
+        if "-v" in argv or "--verbose" in argv:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"gram {argv[0]}: error: {msg}", file=sys.stderr)
         return 1
     import logging
     logging.getLogger("gram").info("%s finished in %.1f s", argv[0], time.time() - t0)

@@ -109,12 +109,17 @@ class AugmentParams:
     rotate: float = _f(0.15, help="max rotation in radians", min=0.0, max=3.1416)
     shift: float = _f(0.1, help="max shift as a fraction of the image side", min=0.0, max=0.5)
     jitter: float = _f(0.2, help="brightness/contrast/saturation jitter strength", min=0.0, max=1.0)
+    vendor_mix: float = _f(0.0, help="probability that an image blends two pretraining vendors' artwork "
+                                     "of the same emoji (weight ~ U(0, 1)): new styles between domains",
+                           min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
 class CaptionParams:
     tags: int = _f(2, help="at most this many random tags in a caption", min=0)
     hierarchy_p: float = _f(0.6, help="probability of appending the subgroup/group phrase", min=0.0, max=1.0)
+    class_p: float = _f(0.0, help="probability that a caption names only the subgroup (and group)",
+                        min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,6 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     bb = load(backbone_dir, device, dtype)
     results = []
     with atomic_dir(out) as tmp:

@@ -152,3 +152,15 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tiny_data, tiny_par
     assert a.keys() == b.keys()
     diff = {k: (a[k] - b[k]).abs().max().item() for k in a}
     assert max(diff.values()) == 0, diff
+
+
+def test_class_only_captions_name_the_subgroup_or_group():
+    import random
+
+    meta = {"label": "grinning face", "tags": ["happy"], "group": "smileys-emotion", "subgroup": "face-smiling"}
+    rng = random.Random(0)
+    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2, hierarchy_p=0.0, class_p=1.0)) for _ in range(100)}
+    assert caps == {"a face smiling emoji", "an emoji of face smiling", "face smiling",
+                    "a face smiling emoji from smileys emotion", "a smileys emotion emoji"}
+    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2, hierarchy_p=0.0, class_p=0.0)) for _ in range(100)}
+    assert all("grinning face" in c and "smiling" not in c for c in caps)
