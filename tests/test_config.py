@@ -29,7 +29,9 @@ def test_default_profile_is_emoji():
     params, prof = C.load(ROOT / "params.yaml")
     assert params.profile == "emoji" and prof is params.emoji
     assert prof.data.vendors.pretrain == ["google", "twitter"]
-    assert prof.backbone.pretrain.lr == 1.0e-3 and isinstance(prof.backbone.pretrain.lr, float)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    lr = prof.backbone.pretrain.lr
+    assert isinstance(lr, float) and lr == raw["emoji"]["backbone"]["pretrain"]["lr"]
 
 
 def write(tmp_path, raw) -> str:
