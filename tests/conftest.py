@@ -66,3 +66,14 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     tok.save_pretrained(out)
     B.save_image_processor(out, p.image_size)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_dir(tmp_path_factory, tiny_data, tiny_params) -> Path:
+    """The tiny profile's backbone stage output: a small CLIP pretrained on the synthetic world."""
+    from gram import backbone as B
+
+    out = tmp_path_factory.mktemp("trained") / "backbone"
+    prof = tiny_params[1]
+    B.run(prof.backbone, prof.data.vendors.pretrain, tiny_data, out)
+    return out
