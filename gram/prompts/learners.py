@@ -116,6 +116,14 @@ class PromptLearner(nn.Module):
         return self.logits(pixel_values, names)
 
 
+def _visual_tokens(clip, n_tokens: int, deep: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """[layers or 1, P, D] tokens, uniform in ±sqrt(6 / (3 * patch area + width)) (VPT's Xavier bound)."""
+    vc = clip.config.vision_config
+    layers = vc.num_hidden_layers if deep else 1
+    bound = math.sqrt(6.0 / (3 * vc.patch_size ** 2 + vc.hidden_size))
+    return (torch.rand(layers, n_tokens, vc.hidden_size, generator=generator) * 2 - 1) * bound
+
+
 def _split_template(template: str) -> tuple[str, str]:
     if "{}" not in template:
         return template, ""
@@ -171,11 +179,7 @@ class VPT(PromptLearner):
 
     def __init__(self, backbone, n_tokens: int = 4, deep: bool = False, generator: torch.Generator | None = None):
         super().__init__(backbone)
-        vc = self.clip.config.vision_config
-        layers = vc.num_hidden_layers if deep else 1
-        # uniform in ±sqrt(6 / (patch area * 3 + width)), the Xavier bound VPT uses for its tokens
-        bound = math.sqrt(6.0 / (3 * vc.patch_size ** 2 + vc.hidden_size))
-        tokens = (torch.rand(layers, n_tokens, vc.hidden_size, generator=generator) * 2 - 1) * bound
+        tokens = _visual_tokens(self.clip, n_tokens, deep, generator)
         self.deep = deep
         self.vpt = nn.Parameter(tokens.to(self.backbone.device))
 
@@ -191,9 +195,7 @@ class Joint(CoOp):
         super().__init__(backbone, init=init, n_ctx=n_ctx, generator=generator)
         vc = self.clip.config.vision_config
         tw = self.clip.config.text_config.hidden_size
-        layers = vc.num_hidden_layers if deep else 1
-        bound = math.sqrt(6.0 / (3 * vc.patch_size ** 2 + vc.hidden_size))
-        tokens = (torch.rand(layers, n_tokens, vc.hidden_size, generator=generator) * 2 - 1) * bound
+        tokens = _visual_tokens(self.clip, n_tokens, deep, generator)
         self.deep, self.coupled, self.n_tokens = deep, coupled, n_tokens
         self.vpt = nn.Parameter(tokens.to(self.backbone.device))
         if coupled:
