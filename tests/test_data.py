@@ -150,3 +150,10 @@ def test_bad_subset_is_a_clear_error(tmp_path, fake_packages, tiny_params):
     with pytest.raises(ValueError, match="data.subset leaves no emojis"):
         emoji.run(cfg, tmp_path)
     assert not (tmp_path / "shards").exists()
+
+
+def test_corrupt_cached_package_is_named(tmp_path):
+    bad = tmp_path / "emojibase-data-17.0.0.tgz"
+    bad.write_bytes(b"not a tarball")
+    with pytest.raises(ValueError, match=r"(?s)emojibase-data-17\.0\.0\.tgz: not a readable package.*delete it"):
+        emoji.read_labels(bad)

@@ -88,6 +88,13 @@ def fetch(spec: str, raw_dir: Path, command: list[str]) -> Path:
 # ------------------------------------------------------------------------------------------------
 # reading the packages
 # ------------------------------------------------------------------------------------------------
+def _open(tgz: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(tgz)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{tgz}: not a readable package ({e}); delete it to fetch it again") from None
+
+
 def _read_member(tf: tarfile.TarFile, name: str, tgz: Path) -> bytes:
     try:
         fh = tf.extractfile(name)
@@ -100,7 +107,7 @@ def _read_member(tf: tarfile.TarFile, name: str, tgz: Path) -> bytes:
 
 def read_labels(tgz: Path) -> tuple[list[dict], dict[int, str], dict[int, str]]:
     """emojibase-data -> (entries of en/data.json, group names, subgroup names)."""
-    with tarfile.open(tgz) as tf:
+    with _open(tgz) as tf:
         data = json.loads(_read_member(tf, "package/en/data.json", tgz))
         meta = json.loads(_read_member(tf, "package/meta/groups.json", tgz))
     groups = {int(k): v for k, v in meta["groups"].items()}
@@ -113,13 +120,14 @@ def read_vendor(tgz: Path, vendor: str, size: int) -> tuple[dict[str, dict], dic
     prefix = f"package/img/{vendor}/{size}/"
     pngs: dict[str, bytes] = {}
     entries: dict[str, dict] = {}
-    with tarfile.open(tgz) as tf:
-        for m in tf:
+    table = None
+    with _open(tgz) as tf:
+        for m in tf:  # one pass over the gzip stream: members are read in archive order
             if m.isfile() and m.name.startswith(prefix) and m.name.endswith(".png"):
                 pngs[m.name[len(prefix):]] = tf.extractfile(m).read()
             elif m.name == "package/emoji.json":
                 table = json.loads(tf.extractfile(m).read())
-    if "table" not in locals():
+    if table is None:
         raise FileNotFoundError(f"{tgz}: package has no package/emoji.json")
     if not pngs:
         raise FileNotFoundError(f"{tgz}: no images under {prefix} (is data.npm.image_size right?)")
