@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gram.config import AugmentParams, BackboneParams, CaptionParams, PretrainParams, to_dict
+from gram.data.names import words
 from gram.io import atomic_dir, config_digest, write_json
 
 log = logging.getLogger("gram.backbone")
@@ -221,10 +222,6 @@ def save_image_processor(out: Path, size: int) -> None:
 
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3).save_pretrained(out)
-
-
-def words(slug: str) -> str:
-    return slug.replace("-", " ").replace("&", "and")
 
 
 def sample_caption(meta: dict, rng: random.Random, c: CaptionParams) -> str:

@@ -79,14 +79,6 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def file_digest(path: str | Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def config_digest(obj: Any) -> str:
     """Short stable hash of a JSON-able object (e.g. a params section)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

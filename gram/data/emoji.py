@@ -35,6 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from gram.config import DataParams, DatasetParams, SplitParams
+from gram.data.names import words
 from gram.data.shards import decode_rgb, encode_png, write_shards
 from gram.io import atomic_dir, write_json
 
@@ -46,11 +47,6 @@ COMPONENT_GROUP = 2  # Unicode group "component": skin tones and hair styles, no
 def norm_code(code: str) -> str:
     """Code point string without the presentation selector, upper case: '1F600', '0023-20E3'."""
     return "-".join(p for p in code.upper().split("-") if p != "FE0F")
-
-
-def words(name: str) -> str:
-    """Unicode group/subgroup slug -> words: 'face-smiling' -> 'face smiling'."""
-    return name.replace("-", " ").replace("&", "and")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 rule backbone:
     input:
-        sources("backbone.py", "data/shards.py", "io.py"),
+        sources("backbone.py", "data/shards.py", "data/names.py", "io.py"),
         shards="data/{profile}/shards",
     output:
         directory("models/{profile}/backbone"),
