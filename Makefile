@@ -9,7 +9,7 @@ CORES ?= all
 .PHONY: help setup demo test test-fast lint clean-results
 
 help:
-	@echo "make demo   set up, then run the emoji pipeline end to end (results/emoji/zero_shot.md)"
+	@echo "make demo   set up, then run the emoji pipeline end to end (results/emoji/*.md)"
 	@echo "make test   set up, then run the test suite (what CI runs)"
 	@echo "make lint   snakemake --lint, snakefmt --check, dvc dag"
 	@echo "make setup  only create $(VENV) with the pinned stack and gram installed in editable mode"
@@ -27,7 +27,8 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	source $(BIN)/activate && snakemake --cores $(CORES) --profile workflow/profiles/local
-	@echo && cat results/emoji/zero_shot.md
+	@echo && cat results/emoji/zero_shot.md results/emoji/few_shot.md results/emoji/base_to_new.md \
+	  results/emoji/cross_dataset.md results/emoji/domain_generalisation.md
 
 test: $(STAMP)
 	source $(BIN)/activate && HF_HUB_OFFLINE=1 python -m pytest -q

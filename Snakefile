@@ -16,6 +16,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/backbone.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/tune.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -18,7 +18,8 @@ from gram.io import setup_logging
 STAGES = {
     "download": ("gram.data", "fetch the data of a profile: corpus shards and classification datasets"),
     "backbone": ("gram.backbone", "load a CLIP (hub id or directory) or pretrain a small one"),
-    "evaluate": ("gram.evaluate", "score one method on every dataset and domain of a profile"),
+    "evaluate": ("gram.evaluate", "score a zero-shot method on every dataset, domain and protocol"),
+    "tune": ("gram.tune", "tune one method for one (protocol, dataset, shots, seed) and score it"),
     "report": ("gram.report", "render the result tables and plots"),
     "schema": ("gram.schema", "write the JSON schema of params.yaml (for Snakemake)"),
 }

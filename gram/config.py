@@ -3,10 +3,10 @@
 `params.yaml` is the single source of truth for every stage. Its layout:
 
     profile: emoji            # the active profile
-    grid: {...}               # what the evaluate stage fans out over (shared by all profiles)
-    emoji: {data, backbone, evaluate}
-    paper: {data, backbone, evaluate}
-    tiny:  {data, backbone, evaluate}
+    grid: {...}               # what the evaluate and tune stages fan out over (the active profile's)
+    emoji: {data, backbone, evaluate, protocols, methods}
+    paper: {...}
+    tiny:  {...}
 
 Each stage receives only its own section (e.g. `BackboneParams`). Unknown keys, wrong types and
 out-of-range values raise `ConfigError` naming the file and the dotted key. The JSON schema that
@@ -166,17 +166,68 @@ class EvaluateParams:
     batch_size: int = _f(256, help="images per forward pass", min=1)
 
 
+# --------------------------------------------------------------------------------------------
+# prompt methods and evaluation protocols
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodParams:
+    kind: Literal["coop", "vpt", "joint", "linear-probe"] = _f(
+        "coop", help="coop: text context; vpt: visual tokens; joint: both; linear-probe: logistic regression "
+                     "on image features")
+    init: Optional[str] = _f("a {} emoji", help="coop/joint: template whose words before `{}` initialise the "
+                                                 "context and whose words after it stay fixed (null: random)")
+    n_ctx: int = _f(4, help="coop/joint: context vectors when `init` is null", min=1)
+    class_specific: bool = _f(False, help="coop: one context per class (cannot score unseen classes)")
+    n_tokens: int = _f(4, help="vpt/joint: visual tokens per layer", min=0)
+    deep: bool = _f(True, help="vpt/joint: fresh tokens at every layer (false: first layer only)")
+    coupled: bool = _f(True, help="joint: visual tokens also get a learned linear map of the text context")
+    optimizer: Literal["adam", "sgd"] = _f("adam", help="optimiser of the prompt parameters")
+    lr: float = _f(2.0e-3, help="peak learning rate (cosine decay to 0)", min=0.0)
+    steps: int = _f(200, help="optimiser steps", min=0)
+    batch_size: int = _f(0, help="images per step (0: all shots, full batch)", min=0)
+    C: float = _f(10.0, help="linear-probe: inverse L2 regularisation strength (scikit-learn's C)", min=0.0)
+
+
+@dataclass(frozen=True)
+class ProtocolParams:
+    domain: Optional[str] = _f(None, help="domain (emoji: vendor) in which few-shot and base-to-new tune and "
+                                          "test; the source of domain generalisation")
+    split: Literal["val", "test"] = _f("test", help="split that every protocol scores")
+    cross_dataset: list[str] = _f(factory=list, help="datasets scored, without tuning, by prompts tuned on "
+                                                     "grid.transfer.dataset")
+    domain_generalisation: list[str] = _f(factory=list, help="domains scored, without tuning, by prompts "
+                                                             "tuned in `domain`")
+    batch_size: int = _f(256, help="images per forward pass when scoring", min=1)
+
+
 @dataclass(frozen=True)
 class ProfileParams:
     data: DataParams = _f(factory=DataParams, help="download stage")
     backbone: BackboneParams = _f(factory=BackboneParams, help="backbone stage")
     evaluate: EvaluateParams = _f(factory=EvaluateParams, help="evaluate stage")
+    protocols: ProtocolParams = _f(factory=ProtocolParams, help="few-shot, base-to-new, cross-dataset and "
+                                                                "domain-generalisation protocols")
+    methods: dict[str, MethodParams] = _f(factory=dict, help="tuned methods by name (grid.tuned picks the run ones)")
+
+
+@dataclass(frozen=True)
+class TransferParams:
+    dataset: str = _f("subgroup16", help="dataset whose few-shot prompts are scored on other datasets/domains")
+    shots: int = _f(16, help="shots of those prompts (one of grid.shots)", min=1)
 
 
 @dataclass(frozen=True)
 class GridParams:
     methods: list[Literal["zeroshot", "zeroshot-ensemble"]] = _f(
-        factory=lambda: ["zeroshot", "zeroshot-ensemble"], help="evaluation methods, one job each")
+        factory=lambda: ["zeroshot", "zeroshot-ensemble"], help="zero-shot methods, one evaluate job each")
+    tuned: list[str] = _f(factory=list, help="tuned methods (keys of <profile>.methods): one job per "
+                                             "(protocol, dataset, method, shots, seed)")
+    datasets: list[str] = _f(factory=list, help="datasets of the few-shot and base-to-new protocols")
+    shots: list[int] = _f(factory=lambda: [1, 2, 4, 8, 16], help="shots per class of the few-shot protocol")
+    seeds: list[int] = _f(factory=lambda: [1, 2, 3], help="seeds of every tuned run (subset, init, batches)")
+    base_to_new_shots: int = _f(16, help="shots per base class in base-to-new", min=1)
+    transfer: TransferParams = _f(factory=TransferParams, help="source of cross-dataset and domain "
+                                                               "generalisation")
 
 
 @dataclass(frozen=True)
@@ -318,6 +369,39 @@ def _check(obj: Any, prefix: str, where: str) -> None:
                 raise err(f"evaluate.domains names {extra}, which data.npm.images does not define")
             if obj.backbone.source == "pretrain" and not roles.pretrain:
                 raise err("backbone.source: pretrain needs at least one vendor in data.vendors.pretrain")
+            pr = obj.protocols
+            for key, names in (("protocols.domain", [pr.domain] if pr.domain else []),
+                               ("protocols.domain_generalisation", pr.domain_generalisation)):
+                extra = sorted(set(names) - known)
+                if extra:
+                    raise err(f"{key} names {extra}, which data.npm.images does not define")
+        unknown = sorted(set(obj.protocols.cross_dataset) - set(obj.data.datasets))
+        if unknown:
+            raise err(f"protocols.cross_dataset names {unknown}, which data.datasets does not define")
+    if isinstance(obj, MethodParams) and obj.kind == "vpt" and obj.n_tokens < 1:
+        raise err("vpt needs n_tokens >= 1")
+    if isinstance(obj, Params):
+        check_grid(obj, obj.profile, where)
+
+
+def check_grid(params: Params, profile: str, where: str) -> None:
+    """The fan-out of `grid` must name methods and datasets that `profile` defines.
+
+    Checked for the `profile:` key, the one the workflow runs; a stage run with another `--profile`
+    checks what it uses itself (so `gram backbone --profile paper` works with an emoji grid)."""
+    prof, g = params.active(profile), params.grid
+    for key, names, have, where_ in (("grid.tuned", g.tuned, prof.methods, f"{profile}.methods"),
+                                     ("grid.datasets", g.datasets, prof.data.datasets, f"{profile}.data.datasets")):
+        extra = [n for n in names if n not in have]
+        if extra:
+            raise ConfigError(f"{where}: `{key}` names {extra}, which `{where_}` does not define")
+    if g.datasets:
+        if g.transfer.dataset not in g.datasets:
+            raise ConfigError(f"{where}: `grid.transfer.dataset` = {g.transfer.dataset!r} is not in grid.datasets "
+                              f"{g.datasets} (its few-shot prompts are what transfers)")
+        if g.transfer.shots not in g.shots:
+            raise ConfigError(f"{where}: `grid.transfer.shots` = {g.transfer.shots} is not in grid.shots {g.shots} "
+                              "(its few-shot prompts are what transfers)")
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -8,6 +8,17 @@ wall time. Methods:
 - `zeroshot`: CLIP zero-shot with the single template `evaluate.template` ("a {} emoji.").
 - `zeroshot-ensemble`: the mean of the L2-normalised text features of the `evaluate.ensemble`
   templates, renormalised (the CLIP paper's prompt ensembling).
+
+The same job also scores its method under every evaluation protocol of the profile, into
+`<out>/protocols/<protocol>/<dataset>.json` (zero-shot has no shots and no seed, so one job per
+method covers them). The protocol scorers (`score_protocol`) are shared with `gram tune`, which
+runs the tuned methods; a classifier is anything with `predict(images, dataset, class_ids, names)`:
+
+- few-shot: the test split of the dataset in `protocols.domain`, all classes;
+- base-to-new: base classes scored among base classes, new among new, and their harmonic mean;
+- cross-dataset: every dataset of `protocols.cross_dataset` in the same domain, test items whose
+  emoji was in the tuning subset left out (their number is recorded);
+- domain-generalisation: the source dataset in every domain of `protocols.domain_generalisation`.
 """
 
 from __future__ import annotations
@@ -26,6 +37,11 @@ from gram.io import write_json
 log = logging.getLogger("gram.evaluate")
 
 METHODS = ("zeroshot", "zeroshot-ensemble")
+PROTOCOLS = ("few-shot", "base-to-new", "cross-dataset", "domain-generalisation")
+
+
+class NotApplicable(Exception):
+    """The classifier cannot score these classes (a linear probe on classes it was not trained on)."""
 
 
 def class_text_features(bb, classes: list[str], templates: list[str]) -> torch.Tensor:
@@ -52,6 +68,89 @@ def scores(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
     }
 
 
+def harmonic_mean(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+class ZeroShot:
+    """CLIP zero-shot: class weights from templates (averaged when there are several)."""
+
+    def __init__(self, bb, templates: list[str], batch_size: int = 256):
+        self.bb, self.templates, self.batch_size = bb, templates, batch_size
+
+    def predict(self, images: np.ndarray, dataset: str, class_ids: list[int], names: list[str]) -> np.ndarray:
+        w = class_text_features(self.bb, names, self.templates)  # [C, D]
+        x = self.bb.encode_images(images, self.batch_size)  # [N, D]
+        return (x @ w.T).argmax(-1).cpu().numpy()
+
+
+def restrict(sp, class_ids: list[int], exclude: set[str] = frozenset()):
+    """Images and labels of `sp` whose class is in class_ids (relabelled 0..len-1), minus excluded keys."""
+    pos = {c: i for i, c in enumerate(class_ids)}
+    in_classes = [i for i, lab in enumerate(sp.labels) if int(lab) in pos]
+    keep = [i for i in in_classes if sp.keys[i] not in exclude]
+    labels = np.array([pos[int(sp.labels[i])] for i in keep], dtype=np.int64)
+    return sp.images[keep], labels, len(in_classes) - len(keep)
+
+
+def score_split(clf, sp, class_ids: list[int], exclude: set[str] = frozenset()) -> dict:
+    """Scores of the classifier on split `sp`, classes `class_ids` only, scored among themselves."""
+    images, labels, n_excluded = restrict(sp, class_ids, exclude)
+    names = [sp.classes[c] for c in class_ids]
+    out = {"dataset": sp.dataset, "domain": sp.domain, "n_excluded": n_excluded}
+    try:
+        pred = clf.predict(images, sp.dataset, class_ids, names)
+    except NotApplicable as e:
+        return {**out, "applicable": False, "reason": str(e)}
+    return {**out, "applicable": True, **scores(pred, labels, len(class_ids))}
+
+
+def score_protocol(clf, protocol: str, dataset: str, data_dir: Path, pc, exclude: set[str] = frozenset()) -> dict:
+    """Score a (tuned or zero-shot) classifier under one protocol; returns {"results": [...], "summary": {...}}.
+
+    Args:
+        pc: the profile's `ProtocolParams`; exclude: keys of the tuning subset (cross-dataset only).
+    """
+    from gram.data import load_dataset, split_images
+
+    ds = load_dataset(data_dir, dataset)
+    everything = list(range(len(ds["classes"])))
+    results = []
+    if protocol == "few-shot":
+        results.append({"target": "all", **score_split(clf, split_images(data_dir, dataset, pc.domain, pc.split),
+                                                       everything)})
+    elif protocol == "base-to-new":
+        sp = split_images(data_dir, dataset, pc.domain, pc.split)
+        results.append({"target": "base", **score_split(clf, sp, ds["base"])})
+        results.append({"target": "new", **score_split(clf, sp, ds["new"])})
+    elif protocol == "cross-dataset":
+        for target in pc.cross_dataset:
+            sp = split_images(data_dir, target, pc.domain, pc.split)
+            results.append({"target": target, **score_split(clf, sp, list(range(len(sp.classes))), exclude)})
+    elif protocol == "domain-generalisation":
+        for target in pc.domain_generalisation:
+            results.append({"target": target,
+                            **score_split(clf, split_images(data_dir, dataset, target, pc.split), everything)})
+    else:
+        raise ValueError(f"unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
+    return {"results": results, "summary": summarise(protocol, results)}
+
+
+def summarise(protocol: str, results: list[dict]) -> dict:
+    """The protocol's headline numbers: base/new/HM, or the mean over targets."""
+    ok = [r for r in results if r["applicable"]]
+    out = {}
+    for metric in ("accuracy", "balanced_accuracy"):
+        if protocol == "base-to-new":
+            base, new = results
+            b = base[metric] if base["applicable"] else None
+            n = new[metric] if new["applicable"] else None
+            out[metric] = {"base": b, "new": n, "hm": None if b is None or n is None else harmonic_mean(b, n)}
+        else:
+            out[metric] = float(np.mean([r[metric] for r in ok])) if ok else None
+    return out
+
+
 def evaluate_one(bb, cfg: EvaluateParams, method: str, data_dir: Path, dataset: str, domain: str) -> dict:
     from gram.data import split_images
 
@@ -72,9 +171,21 @@ def evaluate_one(bb, cfg: EvaluateParams, method: str, data_dir: Path, dataset: 
     return out
 
 
+def protocol_jobs(grid, pc) -> list[tuple[str, str]]:
+    """(protocol, dataset) pairs a zero-shot method is scored on: those the tuned runs report."""
+    jobs = [(p, d) for d in grid.datasets for p in ("few-shot", "base-to-new")]
+    if grid.transfer.dataset in grid.datasets:
+        if pc.cross_dataset:
+            jobs.append(("cross-dataset", grid.transfer.dataset))
+        if pc.domain_generalisation:
+            jobs.append(("domain-generalisation", grid.transfer.dataset))
+    return jobs
+
+
 def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: str | Path, out: str | Path,
-        device: str = "auto", dtype: str = "float32") -> list[dict]:
-    """Score `method` on every configured (dataset, domain); write `<out>/<dataset>/<domain>.json`."""
+        device: str = "auto", dtype: str = "float32", grid=None, protocols=None) -> list[dict]:
+    """Score `method` on every configured (dataset, domain) into `<out>/<dataset>/<domain>.json`, and
+    under every protocol of `grid` into `<out>/protocols/<protocol>/<dataset>.json`."""
     from gram.backbone import load
     from gram.io import atomic_dir
 
@@ -82,12 +193,24 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     bb = load(backbone_dir, device, dtype)
     results = []
+    templates = [cfg.template] if method == "zeroshot" else list(cfg.ensemble)
     with atomic_dir(out) as tmp:
         for dataset in cfg.datasets:
             for domain in cfg.domains:
                 r = evaluate_one(bb, cfg, method, Path(data_dir), dataset, domain)
                 write_json(tmp / dataset / f"{domain}.json", r)
                 results.append(r)
+        if grid is not None and protocols is not None and protocols.domain:
+            clf = ZeroShot(bb, templates, protocols.batch_size)
+            for protocol, dataset in protocol_jobs(grid, protocols):
+                t0 = time.time()
+                r = {"protocol": protocol, "dataset": dataset, "domain": protocols.domain, "method": method,
+                     "kind": "zero-shot", "shots": 0, "seed": None, "subset_hash": None,
+                     **score_protocol(clf, protocol, dataset, Path(data_dir), protocols),
+                     "config": {"templates": templates, "protocols": to_dict(protocols)},
+                     "wall_time_s": round(time.time() - t0, 3)}
+                write_json(tmp / "protocols" / protocol / f"{dataset}.json", r)
+                log.info("%s %s/%s: %s", method, protocol, dataset, r["summary"]["balanced_accuracy"])
     return results
 
 
@@ -100,5 +223,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone", required=True, help="backbone directory, e.g. models/emoji/backbone")
     p.add_argument("--out", required=True, help="directory of this method's JSONs")
     args = p.parse_args(argv)
-    _, prof = stage_setup(args)
-    run(prof.evaluate, args.method, args.data, args.backbone, args.out, prof.backbone.device, prof.backbone.dtype)
+    params, prof = stage_setup(args)
+    run(prof.evaluate, args.method, args.data, args.backbone, args.out, prof.backbone.device, prof.backbone.dtype,
+        params.grid, prof.protocols)

@@ -8,6 +8,8 @@ Reads `<eval>/<method>/<dataset>/<domain>.json` for the methods of `grid.methods
     zero_shot.json   mean balanced accuracy per (dataset, method) over the domains: `dvc metrics`
     zero_shot.png    balanced accuracy per domain, one panel per dataset
     backbone.png     the pretraining loss curve (a note for a hub backbone)
+
+With `--runs`, also the protocol tables and few-shot curves of `gram.tables`.
 """
 
 from __future__ import annotations
@@ -151,7 +153,8 @@ def plot_loss(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | Path | None, out: str | Path) -> str:
+def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | Path | None, out: str | Path,
+        runs_dir: str | Path | None = None) -> str:
     prof = params.active(profile)
     eval_dir, out = Path(eval_dir), Path(out)
     methods, datasets, domains = list(params.grid.methods), list(prof.evaluate.datasets), list(prof.evaluate.domains)
@@ -169,6 +172,10 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
     write_json(out / "zero_shot.json", summary(rows, methods, datasets))
     plot_zero_shot(rows, out / "zero_shot.png", methods, datasets, domains, roles)
     plot_loss(backbone or {}, out / "backbone.png")
+    if runs_dir is not None:
+        from gram import tables
+
+        tables.run(params.grid, prof, eval_dir, runs_dir, out)
     return md
 
 
@@ -178,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     p = stage_parser("report", __doc__)
     p.add_argument("--eval", required=True, help="evaluation directory, e.g. results/emoji/eval")
     p.add_argument("--backbone", default=None, help="backbone directory (for its pretraining record)")
+    p.add_argument("--runs", default=None, help="tuned runs directory, e.g. results/emoji/runs: also write the "
+                                                "protocol tables (gram.tables)")
     p.add_argument("--out", required=True, help="directory of the tables, e.g. results/emoji")
     args = p.parse_args(argv)
     params, _ = stage_setup(args)
-    run(params, args.profile or params.profile, args.eval, args.backbone, args.out)
+    run(params, args.profile or params.profile, args.eval, args.backbone, args.out, args.runs)

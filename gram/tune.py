@@ -1,25 +1,44 @@
-"""Few-shot prompt tuning: deterministic k-shot subsets and the tuning loop of any prompt learner. [sibling/ours]
+"""Tune stage: one tuned method, one protocol, one (dataset, shots, seed) per job. [sibling/ours]
 
-Building block of the evaluation protocols (few-shot, base-to-new, cross-dataset, domain
-generalisation). Not yet a pipeline stage: the protocol fan-out is the prompt-learners issue's work.
+`gram tune --protocol P --dataset D --method M --shots K --seed S --out RUN.json` tunes the method
+`<profile>.methods.M` on K shots per class of dataset D (train split, in `protocols.domain`) and
+scores it with the protocol's scorer (`gram.evaluate.score_protocol`), writing one JSON: the
+scores per target, the protocol's summary, the method's config, the subset hash and wall times.
 
+- few-shot: tune on all classes; score the test split. `--save-prompt` keeps θ (safetensors) for
+  the transfer protocols.
+- base-to-new: tune on the base classes only; score base and new classes separately.
+- cross-dataset / domain-generalisation: no tuning: `--load-prompt` reads the few-shot θ of
+  `grid.transfer` and scores it on the other datasets / domains.
+
+Building blocks:
 - `few_shot(keys, labels, k, seed, tag)`: k training items per class, chosen by a seeded hash of
   each item's key, so the subset depends only on (dataset, k, seed) and not on file order; its
   hash is recorded with every result.
-- `tune(learner, pixels, labels, names, ...)`: cross-entropy of the learner's logits, SGD with
-  momentum, one warm-up epoch at a constant low rate then cosine decay (CoOp's recipe [sibling]).
-  When the learner has no visual prompts the image features do not depend on θ and are computed
-  once (the text tower then dominates, and truncating it to the longest EOS pays directly).
+- `tune(learner, pixels, labels, names, ...)`: cross-entropy of the learner's logits; Adam or SGD
+  with momentum under a cosine schedule. Image features are computed once when θ has no visual
+  part and text features once when it has no text part.
+- `LinearProbe`: L2-regularised logistic regression on frozen image features (scikit-learn).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from gram.config import MethodParams, to_dict
+from gram.evaluate import PROTOCOLS, NotApplicable, score_protocol
+
+log = logging.getLogger("gram.tune")
 
 
 def few_shot(keys: list[str], labels: np.ndarray, k: int, seed: int, tag: str) -> tuple[np.ndarray, str]:
@@ -37,7 +56,7 @@ def few_shot(keys: list[str], labels: np.ndarray, k: int, seed: int, tag: str) -
     return chosen, digest
 
 
-def cosine_lr(step: int, total: int, base: float, warmup: int, warmup_lr: float) -> float:
+def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: float = 1.0e-5) -> float:
     if step < warmup:
         return warmup_lr
     t = (step - warmup) / max(1, total - warmup)
@@ -45,32 +64,40 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, warmup_lr: float)
 
 
 def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], steps: int = 200,
-         lr: float = 2.0e-3, batch_size: int = 32, momentum: float = 0.9, warmup: int = 0,
-         warmup_lr: float = 1.0e-5, seed: int = 0) -> list[float]:
+         lr: float = 2.0e-3, batch_size: int = 32, optimizer: str = "sgd", momentum: float = 0.9,
+         warmup: int = 0, warmup_lr: float = 1.0e-5, seed: int = 0, progress: bool = False) -> list[float]:
     """Tune the learner's θ in place on (pixels, labels); returns the loss of every step.
 
     Args:
         pixels: preprocessed images [N, 3, H, W]; labels: [N] indices into `names`.
+        batch_size: images per step (0 or >= N: the full batch every step).
     """
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in learner.parameters()]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    fixed_images = learner.visual_prompts(learner.theta())[0] is None
-    if fixed_images:
-        with torch.no_grad():
-            feats = learner.image_features(pixels)  # [N, E], the same at every θ
+    params = list(learner.parameters())
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r} (adam or sgd)")
+    theta = learner.theta()
+    fixed_images = learner.visual_prompts(theta)[0] is None
+    fixed_texts = learner.context_vectors(theta, 1) is None
+    with torch.no_grad():
+        feats = learner.image_features(pixels) if fixed_images else None  # [N, E], the same at every θ
+        txt_fixed = learner.text_features(names) if fixed_texts else None  # [C, E]
     labels = labels.to(learner.backbone.device)
-    losses = []
     n = len(labels)
-    for step in range(steps):
-        idx = torch.randperm(n, generator=gen)[:batch_size] if batch_size < n else torch.arange(n)
-        idx = idx.to(labels.device)
+    full = batch_size <= 0 or batch_size >= n
+    losses = []
+    for step in tqdm(range(steps), desc="tune", unit="step", disable=not progress, mininterval=2.0):
+        idx = torch.arange(n) if full else torch.randperm(n, generator=gen)[:batch_size]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, warmup, warmup_lr)
-        txt = learner.text_features(names)  # [C, E]
-        img = feats[idx] if fixed_images else learner.image_features(pixels[idx.cpu()])
+        txt = txt_fixed if fixed_texts else learner.text_features(names)  # [C, E]
+        img = feats[idx.to(feats.device)] if fixed_images else learner.image_features(pixels[idx])
         logits = learner.clip.logit_scale.exp().float() * img @ txt.T
-        loss = F.cross_entropy(logits, labels[idx])
+        loss = F.cross_entropy(logits, labels[idx.to(labels.device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -86,3 +113,225 @@ def predict(learner, pixels: torch.Tensor, names: list[str], batch_size: int = 2
     for i in range(0, len(pixels), batch_size):
         preds.append((learner.image_features(pixels[i:i + batch_size]) @ txt.T).argmax(-1).cpu())
     return torch.cat(preds).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# methods
+# ------------------------------------------------------------------------------------------------
+def make_learner(bb, m: MethodParams, n_classes: int, seed: int):
+    """The prompt learner of method config `m` (None for the linear probe)."""
+    from gram.prompts import VPT, CoOp, Joint
+
+    gen = torch.Generator().manual_seed(seed)
+    if m.kind == "coop":
+        return CoOp(bb, init=m.init, n_ctx=m.n_ctx, class_specific=m.class_specific, n_classes=n_classes,
+                    generator=gen)
+    if m.kind == "vpt":
+        return VPT(bb, n_tokens=m.n_tokens, deep=m.deep, generator=gen)
+    if m.kind == "joint":
+        return Joint(bb, init=m.init, n_ctx=m.n_ctx, n_tokens=m.n_tokens, deep=m.deep, coupled=m.coupled,
+                     generator=gen)
+    return None
+
+
+class LinearProbe:
+    """Multinomial logistic regression on L2-normalised frozen image features (the CLIP paper's probe)."""
+
+    def __init__(self, bb, dataset: str, class_ids: list[int], C: float, batch_size: int = 256):
+        self.bb, self.dataset, self.class_ids, self.C, self.batch_size = bb, dataset, list(class_ids), C, batch_size
+        self.weight = self.bias = None
+
+    def fit(self, images: np.ndarray, labels: np.ndarray) -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        x = self.bb.encode_images(images, self.batch_size).cpu().numpy()
+        clf = LogisticRegression(C=self.C, max_iter=1000).fit(x, labels)
+        w = np.zeros((len(self.class_ids), x.shape[1]), np.float32)
+        b = np.full(len(self.class_ids), -np.inf, np.float32)  # a class without shots is never predicted
+        if len(clf.classes_) == 2:  # scikit-learn keeps one row for two classes: logit of class 1
+            w[clf.classes_[1]], b[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+            w[clf.classes_[0]], b[clf.classes_[0]] = 0.0, 0.0
+        else:
+            w[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
+        self.weight, self.bias = torch.from_numpy(w), torch.from_numpy(b)
+
+    def theta(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def load_theta(self, theta: dict[str, torch.Tensor]) -> None:
+        self.weight, self.bias = theta["weight"], theta["bias"]
+
+    def predict(self, images: np.ndarray, dataset: str, class_ids: list[int], names: list[str]) -> np.ndarray:
+        if dataset != self.dataset or not set(class_ids) <= set(self.class_ids):
+            raise NotApplicable(f"a linear probe trained on {self.dataset} has no weights for these classes")
+        rows = [self.class_ids.index(c) for c in class_ids]
+        x = self.bb.encode_images(images, self.batch_size).cpu()
+        return (x @ self.weight[rows].T + self.bias[rows]).argmax(-1).numpy()
+
+
+class Tuned:
+    """A prompt learner as a classifier: its θ scores any class names, and images through its prompts."""
+
+    def __init__(self, learner, dataset: str, class_ids: list[int], batch_size: int = 256):
+        self.learner, self.dataset, self.class_ids, self.batch_size = learner, dataset, list(class_ids), batch_size
+
+    def predict(self, images: np.ndarray, dataset: str, class_ids: list[int], names: list[str]) -> np.ndarray:
+        from gram.backbone import preprocess
+
+        if getattr(self.learner, "class_specific", False) and (dataset != self.dataset or class_ids != self.class_ids):
+            raise NotApplicable("class-specific context exists only for the classes it was tuned on")
+        if len(images) == 0:
+            return np.zeros(0, np.int64)
+        with torch.no_grad():
+            txt = self.learner.text_features(names)
+            out = []
+            for i in range(0, len(images), self.batch_size):
+                px = preprocess(images[i:i + self.batch_size], self.learner.backbone.spec)
+                out.append((self.learner.image_features(px) @ txt.T).argmax(-1).cpu())
+        return torch.cat(out).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# prompts on disk
+# ------------------------------------------------------------------------------------------------
+def save_prompt(path: str | Path, theta: dict[str, torch.Tensor], meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    from gram.io import atomic_path
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in theta.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"gram": json.dumps(meta, sort_keys=True)})
+
+
+def load_prompt(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no tuned prompt here (the few-shot job of grid.transfer writes it)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("gram", "{}"))
+        theta = {k: f.get_tensor(k) for k in f.keys()}
+    return theta, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# one run
+# ------------------------------------------------------------------------------------------------
+def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int, data_dir: Path,
+        class_ids: list[int]) -> tuple[object, dict]:
+    """Tune method `m` on `shots` per class of `class_ids` (train split, domain `pc.domain`)."""
+    from gram.backbone import preprocess
+    from gram.data import split_images
+    from gram.evaluate import restrict
+
+    sp = split_images(data_dir, dataset, pc.domain, "train")
+    images, labels, _ = restrict(sp, class_ids)
+    keys = [k for k, lab in zip(sp.keys, sp.labels) if int(lab) in set(class_ids)]
+    idx, digest = few_shot(keys, labels, shots, seed, dataset)
+    names = [sp.classes[c] for c in class_ids]
+    t0 = time.time()
+    torch.manual_seed(seed)
+    if m.kind == "linear-probe":
+        clf = LinearProbe(bb, dataset, class_ids, m.C, pc.batch_size)
+        clf.fit(images[idx], labels[idx])
+        losses = []
+    else:
+        learner = make_learner(bb, m, len(class_ids), seed)
+        losses = tune(learner, preprocess(images[idx], bb.spec), torch.as_tensor(labels[idx]), names, m.steps,
+                      m.lr, m.batch_size, m.optimizer, seed=seed, progress=True)
+        clf = Tuned(learner, dataset, class_ids, pc.batch_size)
+    info = {"subset_hash": digest, "n_train": int(len(idx)), "train_keys": sorted(keys[i] for i in idx),
+            "train": {"steps": len(losses), "loss_first": losses[0] if losses else None,
+                      "loss_last": losses[-1] if losses else None, "time_s": round(time.time() - t0, 3)}}
+    log.info("%s on %s (%d classes, %d shots each -> %d images, subset %s): %s", name, dataset, len(class_ids),
+             shots, len(idx), digest, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "fitted")
+    return clf, info
+
+
+def restore(bb, m: MethodParams, name: str, path: str | Path, pc) -> tuple[object, dict]:
+    """The classifier saved by a few-shot run; its method config must match `m`."""
+    theta, meta = load_prompt(path)
+    if meta.get("method_config") != to_dict(m):
+        raise ValueError(f"{path}: tuned with {meta.get('method_config')}, but methods.{name} is now {to_dict(m)}; "
+                         "rerun its few-shot job")
+    class_ids = meta["class_ids"]
+    if m.kind == "linear-probe":
+        clf = LinearProbe(bb, meta["dataset"], class_ids, m.C, pc.batch_size)
+        clf.load_theta(theta)
+    else:
+        learner = make_learner(bb, m, len(class_ids), meta["seed"])
+        learner.load_state_dict({k: v.to(bb.device) for k, v in theta.items()})
+        clf = Tuned(learner, meta["dataset"], class_ids, pc.batch_size)
+    return clf, meta
+
+
+def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed: int, data_dir: str | Path,
+        backbone_dir: str | Path, out: str | Path, save: str | Path | None = None,
+        load_from: str | Path | None = None) -> dict:
+    """One (protocol, dataset, method, shots, seed) run; writes the record to `out`."""
+    from gram.backbone import load
+    from gram.data import load_dataset
+    from gram.io import write_json
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
+    if method not in prof.methods:
+        raise KeyError(f"method {method!r} is not defined in {params.profile}.methods "
+                       f"(defined: {', '.join(prof.methods) or 'none'})")
+    pc, m = prof.protocols, prof.methods[method]
+    if not pc.domain:
+        raise ValueError("protocols.domain is not set: the domain in which to tune and test")
+    data_dir, t0 = Path(data_dir), time.time()
+    bb = load(backbone_dir, prof.backbone.device, prof.backbone.dtype)
+    ds = load_dataset(data_dir, dataset)
+    exclude: set[str] = set()
+    if protocol in ("few-shot", "base-to-new"):
+        class_ids = list(range(len(ds["classes"]))) if protocol == "few-shot" else ds["base"]
+        clf, info = fit(bb, method, m, dataset, pc, shots, seed, data_dir, class_ids)
+        if save is not None:
+            meta = {"method": method, "method_config": to_dict(m), "dataset": dataset, "domain": pc.domain,
+                    "shots": shots, "seed": seed, "class_ids": class_ids, "subset_hash": info["subset_hash"],
+                    "train_keys": info["train_keys"]}
+            save_prompt(save, clf.theta() if m.kind == "linear-probe" else clf.learner.theta(), meta)
+    else:
+        if load_from is None:
+            raise ValueError(f"protocol {protocol} scores tuned prompts without tuning: pass --load-prompt")
+        clf, meta = restore(bb, m, method, load_from, pc)
+        if (meta["dataset"], meta["shots"], meta["seed"]) != (dataset, shots, seed):
+            raise ValueError(f"{load_from}: prompt of {meta['dataset']} k={meta['shots']} seed {meta['seed']}, "
+                             f"asked for {dataset} k={shots} seed {seed}")
+        exclude = set(meta["train_keys"])
+        info = {"subset_hash": meta["subset_hash"], "n_train": len(meta["train_keys"]),
+                "train_keys": meta["train_keys"], "train": None}
+    scored = score_protocol(clf, protocol, dataset, data_dir, pc, exclude)
+    record = {"protocol": protocol, "dataset": dataset, "domain": pc.domain, "method": method, "kind": m.kind,
+              "shots": shots, "seed": seed, "subset_hash": info["subset_hash"], "n_train": info["n_train"],
+              **scored, "train": info["train"],
+              "config": {"method": to_dict(m), "protocols": to_dict(pc)},
+              "wall_time_s": round(time.time() - t0, 3)}
+    write_json(out, record)
+    log.info("%s %s/%s k=%d seed %d: %s", method, protocol, dataset, shots, seed,
+             json.dumps(record["summary"]["balanced_accuracy"]))
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gram.cli import stage_parser, stage_setup
+
+    p = stage_parser("tune", __doc__)
+    p.add_argument("--protocol", required=True, choices=PROTOCOLS, help="evaluation protocol")
+    p.add_argument("--dataset", required=True, help="source dataset (a key of data.datasets)")
+    p.add_argument("--method", required=True, help="tuned method (a key of <profile>.methods)")
+    p.add_argument("--shots", required=True, type=int, help="training images per class")
+    p.add_argument("--seed", required=True, type=int, help="seed of the subset, the init and the batches")
+    p.add_argument("--data", required=True, help="data directory of the profile, e.g. data/emoji")
+    p.add_argument("--backbone", required=True, help="backbone directory, e.g. models/emoji/backbone")
+    p.add_argument("--out", required=True, help="the run's JSON record")
+    p.add_argument("--save-prompt", default=None, help="few-shot/base-to-new: also write the tuned θ here")
+    p.add_argument("--load-prompt", default=None, help="cross-dataset/domain-generalisation: the θ to score")
+    args = p.parse_args(argv)
+    params, prof = stage_setup(args)
+    run(params, prof, args.protocol, args.dataset, args.method, args.shots, args.seed, args.data, args.backbone,
+        args.out, args.save_prompt, args.load_prompt)

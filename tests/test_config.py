@@ -117,3 +117,21 @@ def test_schema_accepts_params_and_rejects_what_the_loader_rejects(raw):
     bad["emoji"]["backbone"]["typo"] = 1
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r["grid"].update(tuned=["coop", "nope"]), r"`grid.tuned` names \['nope'\], which `emoji.methods`"),
+    (lambda r: r["grid"].update(datasets=["nope"]), r"`grid.datasets` names \['nope'\], which `emoji.data.datasets`"),
+    (lambda r: r["grid"]["transfer"].update(shots=3), r"`grid.transfer.shots` = 3 is not in grid.shots"),
+    (lambda r: r["emoji"]["methods"]["coop"].update(lr="fast"), r"`emoji.methods.coop.lr` must be float"),
+    (lambda r: r["emoji"]["protocols"].update(cross_dataset=["nope"]), r"protocols.cross_dataset names \['nope'\]"),
+    (lambda r: r["emoji"]["protocols"].update(domain="nope"), r"protocols.domain names \['nope'\]"),
+])
+def test_grid_and_protocols_are_checked(tmp_path, edit, message):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(C.ConfigError, match=message) as e:
+        C.load(path)
+    assert str(path) in str(e.value)

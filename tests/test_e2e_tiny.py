@@ -1,8 +1,10 @@
 """End to end: the tiny profile's whole DAG through Snakemake and through DVC.
 
-Each tool builds the zero-shot table from scratch in its own copy of the project; a second run has
-nothing to do; changing one backbone parameter reruns the backbone and what depends on it, never the
-download; and both tools produce the same table.
+Each tool builds the zero-shot table and the four protocol tables from scratch in its own copy of
+the project (a smaller grid than the committed one, to stay fast); a second run has nothing to do;
+changing one backbone parameter reruns the backbone and what depends on it, never the download;
+changing one method's recipe reruns that method's runs and the report only; and both tools produce
+the same tables.
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from test_pipeline_parity import copy_project, run
 
 pytestmark = pytest.mark.slow
 
+# 2 seeds (so std exists), 2 shot counts, three methods (text, joint text+visual, linear probe)
+GRID = {"methods": ["zeroshot", "zeroshot-ensemble"], "tuned": ["coop", "joint", "linear-probe"],
+        "datasets": ["subgroup16"], "shots": [1, 2], "seeds": [1, 2], "base_to_new_shots": 2,
+        "transfer": {"dataset": "subgroup16", "shots": 2}}
+TUNED_JOBS = 3 * 2 * 2 + 3 * 2 + 2 * 3 * 2  # few-shot + base-to-new + transfer
+TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
+
 
 def bump_tiny_steps(params: Path) -> None:
     text = params.read_text()
@@ -26,21 +35,36 @@ def bump_tiny_steps(params: Path) -> None:
     params.write_text(head + tail)
 
 
+def bump_coop_lr(params: Path) -> None:
+    text = params.read_text()
+    tiny = text.index("\ntiny:")
+    head, tail = text[:tiny], text[tiny:]
+    tail, n = re.subn(r"(\n    coop: \{kind: coop, init: \"a \{\} emoji\", optimizer: adam, lr: )2.0e-3", r"\g<1>3.0e-3",
+                      tail, count=1)
+    assert n == 1
+    params.write_text(head + tail)
+
+
 def jobs_snakemake_would_run(cwd: Path) -> set[str]:
     out = run(["snakemake", "-n", "--cores", "2", "--nocolor"], cwd)
     return set(re.findall(r"(?m)^rule (\w+):", out)) - {"all"}
 
 
+def tune_jobs_snakemake_would_run(cwd: Path) -> set[str]:
+    out = run(["snakemake", "-n", "-p", "--cores", "2", "--nocolor"], cwd)
+    return set(re.findall(r"--protocol (\S+) --dataset \S+ --method (\S+)", out))
+
+
 @pytest.fixture(scope="module")
 def snakemake_run(tmp_path_factory) -> Path:
-    cwd = copy_project(tmp_path_factory.mktemp("smk"), "tiny")
+    cwd = copy_project(tmp_path_factory.mktemp("smk"), "tiny", GRID)
     run(["snakemake", "--cores", "2", "--nocolor"], cwd)
     return cwd
 
 
 @pytest.fixture(scope="module")
 def dvc_run(tmp_path_factory) -> Path:
-    cwd = copy_project(tmp_path_factory.mktemp("dvc"), "tiny")
+    cwd = copy_project(tmp_path_factory.mktemp("dvc"), "tiny", GRID)
     run(["dvc", "repro"], cwd)
     return cwd
 
@@ -52,7 +76,25 @@ def test_snakemake_builds_the_table(snakemake_run):
     for f in ("zero_shot.csv", "zero_shot.json", "zero_shot.png", "backbone.png"):
         assert (snakemake_run / "results/tiny" / f).stat().st_size > 0
     assert (snakemake_run / "logs/tiny/backbone.log").read_text().count("pretrained 30 steps") == 1
+    assert len(list((snakemake_run / "results/tiny/runs").rglob("*.json"))) == TUNED_JOBS
 
+
+def test_snakemake_builds_the_protocol_tables(snakemake_run):
+    out = snakemake_run / "results/tiny"
+    for name in TABLES:
+        md = (out / f"{name}.md").read_text()
+        for m in GRID["methods"] + GRID["tuned"]:
+            assert f"| {m} |" in md, (name, m)
+    assert (out / "few_shot.png").stat().st_size > 0
+    few = (out / "few_shot.csv").read_text().splitlines()
+    assert len(few) == 1 + 3 * 2 + 2  # header, tuned methods x shots, one row per zero-shot method
+    b2n = (out / "base_to_new.md").read_text()
+    assert re.search(r"\| linear-probe \| [0-9.]+ ± [0-9.]+ \| – \| – \|", b2n), b2n
+    import json
+
+    summary = json.loads((out / "protocols.json").read_text())
+    cell = summary["few-shot"]["subgroup16"]["coop"]["2"]
+    assert cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0
 
 def test_snakemake_second_run_does_nothing(snakemake_run):
     out = run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
@@ -60,18 +102,24 @@ def test_snakemake_second_run_does_nothing(snakemake_run):
 
 
 def test_snakemake_backbone_param_reruns_only_its_dependants(snakemake_run):
+    bump_coop_lr(snakemake_run / "params.yaml")
+    assert jobs_snakemake_would_run(snakemake_run) == {"few_shot", "base_to_new", "transfer", "report"}
+    assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop"}
     bump_tiny_steps(snakemake_run / "params.yaml")
-    assert jobs_snakemake_would_run(snakemake_run) == {"backbone", "evaluate", "report"}
+    assert jobs_snakemake_would_run(snakemake_run) == {"backbone", "evaluate", "few_shot", "base_to_new",
+                                                       "transfer", "report"}
 
 
 def test_dvc_builds_the_same_table(dvc_run, snakemake_run):
-    for f in ("zero_shot.csv", "zero_shot.json"):
+    for f in ["zero_shot.csv", "zero_shot.json", "protocols.json"] + [f"{t}.csv" for t in TABLES]:
         assert (dvc_run / "results/tiny" / f).read_text() == (snakemake_run / "results/tiny" / f).read_text(), f
 
     def table(cwd: Path) -> str:  # the Markdown without the pretraining wall time
         return re.sub(r"in [0-9.]+ min", "", (cwd / "results/tiny/zero_shot.md").read_text())
 
     assert table(dvc_run) == table(snakemake_run)
+    for t in TABLES:
+        assert (dvc_run / f"results/tiny/{t}.md").read_text() == (snakemake_run / f"results/tiny/{t}.md").read_text()
 
 
 def test_dvc_second_run_does_nothing(dvc_run):
@@ -82,9 +130,14 @@ def test_dvc_second_run_does_nothing(dvc_run):
 
 
 def test_dvc_backbone_param_reruns_only_its_dependants(dvc_run):
+    bump_coop_lr(dvc_run / "params.yaml")
+    out = run(["dvc", "repro"], dvc_run)
+    ran = re.findall(r"Running stage '([^']+)'", out)
+    assert {s.split("@")[0] for s in ran} == {"few-shot", "base-to-new", "transfer", "report"}, out
+    assert all("-coop-" in s or s.endswith("-coop") or s == "report" for s in ran), ran
     bump_tiny_steps(dvc_run / "params.yaml")
     out = run(["dvc", "repro"], dvc_run)
     ran = {s.split("@")[0] for s in re.findall(r"Running stage '([^']+)'", out)}
-    assert ran == {"backbone", "evaluate", "report"}, out
+    assert ran == {"backbone", "evaluate", "few-shot", "base-to-new", "transfer", "report"}, out
     assert "Stage 'download' didn't change, skipping" in out
     assert "pretrained 31 steps" in (dvc_run / "logs/tiny/backbone.log").read_text()

@@ -16,7 +16,8 @@ from conftest import ROOT
 PROJECT_FILES = ["Snakefile", "workflow", "dvc.yaml", "params.yaml", "gram", "tests/fake_npm.py"]
 
 
-def copy_project(dest: Path, profile: str) -> Path:
+def copy_project(dest: Path, profile: str, grid: dict | None = None) -> Path:
+    """A copy of the project's pipeline files at `dest`, with `profile:` set and `grid:` optionally replaced."""
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
@@ -25,7 +26,12 @@ def copy_project(dest: Path, profile: str) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     params = dest / "params.yaml"
-    params.write_text(re.sub(r"(?m)^profile: \w+", f"profile: {profile}", params.read_text()))
+    text = re.sub(r"(?m)^profile: \w+", f"profile: {profile}", params.read_text())
+    if grid is not None:  # the grid block ends at the first blank line
+        start = text.index("\ngrid:")
+        end = text.index("\n\n", start)
+        text = text[:start] + "\ngrid: " + yaml.safe_dump(grid, default_flow_style=True, width=1000).strip() + text[end:]
+    params.write_text(text)
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
     return dest
 
@@ -53,7 +59,15 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
     smk, dvc = snakemake_commands(cwd), dvc_commands(cwd)
     assert smk and smk == dvc
     stages = Counter(c.split()[1] for c in smk)
-    assert stages == {"download": 1, "backbone": 1, "evaluate": 2, "report": 1}
+    g = yaml.safe_load((cwd / "params.yaml").read_text())["grid"]
+    few_shot = len(g["datasets"]) * len(g["tuned"]) * len(g["shots"]) * len(g["seeds"])
+    base_to_new = len(g["datasets"]) * len(g["tuned"]) * len(g["seeds"])
+    transfer = 2 * len(g["tuned"]) * len(g["seeds"])
+    assert stages == {"download": 1, "backbone": 1, "evaluate": len(g["methods"]),
+                      "tune": few_shot + base_to_new + transfer, "report": 1}
+    protocols = Counter(re.search(r"--protocol (\S+)", c).group(1) for c in smk if c.split()[1] == "tune")
+    assert protocols == {"few-shot": few_shot, "base-to-new": base_to_new,
+                         "cross-dataset": transfer // 2, "domain-generalisation": transfer // 2}
     assert all(f"--profile {profile}" in c for c in smk)
 
 
@@ -64,10 +78,11 @@ def test_dvc_params_name_existing_sections():
     for profile in ("emoji", "tiny"):
         for name, st in stages.items():
             for key in st.get("params", []):
-                node = params
-                for part in key.replace("${profile}", profile).split("."):
-                    assert part in node, f"dvc.yaml stage {name}: params key {key} missing for {profile}"
-                    node = node[part]
+                for method in params["grid"]["tuned"]:
+                    node = params
+                    for part in key.replace("${profile}", profile).replace("${item.method}", method).split("."):
+                        assert part in node, f"dvc.yaml stage {name}: params key {key} missing for {profile}"
+                        node = node[part]
 
 
 def test_snakemake_lint_and_format():

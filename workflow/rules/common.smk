@@ -8,6 +8,9 @@ PROFILE = PARAMS.profile
 wildcard_constraints:
     profile="|".join(gram.config.PROFILES),
     method="[a-z0-9-]+",
+    dataset="[A-Za-z0-9_]+",
+    shots="[0-9]+",
+    seed="[0-9]+",
 
 
 def section(*keys):
@@ -33,6 +36,54 @@ def sources(*names):
     return out
 
 
+def method_params(wildcards):
+    """Input function: the recipe of the tuned method (as `params:`, a change reruns its jobs)."""
+    return config[wildcards.profile]["methods"][wildcards.method]
+
+
+def run_files(wildcards):
+    """Every tuned run the grid asks for (the report's inputs)."""
+    grid, prot = config["grid"], config[wildcards.profile]["protocols"]
+    base = "results/{profile}/runs/{protocol}/{dataset}/{method}/k{shots}-s{seed}.json"
+    out = []
+    if not grid["tuned"]:
+        return out
+    for ds in grid["datasets"]:
+        out += expand(
+            base,
+            profile=wildcards.profile,
+            protocol="few-shot",
+            dataset=ds,
+            method=grid["tuned"],
+            shots=grid["shots"],
+            seed=grid["seeds"],
+        )
+        out += expand(
+            base,
+            profile=wildcards.profile,
+            protocol="base-to-new",
+            dataset=ds,
+            method=grid["tuned"],
+            shots=grid["base_to_new_shots"],
+            seed=grid["seeds"],
+        )
+    for protocol, key in (
+        ("cross-dataset", "cross_dataset"),
+        ("domain-generalisation", "domain_generalisation"),
+    ):
+        if prot[key]:
+            out += expand(
+                base,
+                profile=wildcards.profile,
+                protocol=protocol,
+                dataset=grid["transfer"]["dataset"],
+                method=grid["tuned"],
+                shots=grid["transfer"]["shots"],
+                seed=grid["seeds"],
+            )
+    return out
+
+
 def eval_dirs(wildcards):
     return expand(
         "results/{profile}/eval/{method}",
@@ -41,7 +92,9 @@ def eval_dirs(wildcards):
     )
 
 
+PROTOCOL_TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
+
+
 def report_targets():
-    return [
-        f"results/{PROFILE}/zero_shot.{ext}" for ext in ("md", "csv", "json", "png")
-    ]
+    out = [f"results/{PROFILE}/zero_shot.{ext}" for ext in ("md", "csv", "json", "png")]
+    return out + [f"results/{PROFILE}/{name}.md" for name in PROTOCOL_TABLES]

@@ -12,6 +12,9 @@ rule evaluate:
         "../envs/gram.yaml"
     params:
         evaluate=section("evaluate"),
+        protocols=section("protocols"),
+        datasets=config["grid"]["datasets"],
+        transfer=config["grid"]["transfer"],
         device=section("backbone", "device"),
         dtype=section("backbone", "dtype"),
     shell:

@@ -1,7 +1,8 @@
 rule report:
     input:
-        sources("report.py", "io.py"),
+        sources("report.py", "tables.py", "io.py"),
         evals=eval_dirs,
+        runs=run_files,
         backbone="models/{profile}/backbone",
     output:
         md="results/{profile}/zero_shot.md",
@@ -9,13 +10,20 @@ rule report:
         metrics="results/{profile}/zero_shot.json",
         plot="results/{profile}/zero_shot.png",
         loss="results/{profile}/backbone.png",
+        tables=expand(
+            "results/{{profile}}/{name}.{ext}", name=PROTOCOL_TABLES, ext=["md", "csv"]
+        ),
+        curves="results/{profile}/few_shot.png",
+        protocols="results/{profile}/protocols.json",
+        runs="results/{profile}/runs.csv",
     log:
         "logs/{profile}/report.log",
     conda:
         "../envs/gram.yaml"
     params:
-        methods=config["grid"]["methods"],
+        grid=config["grid"],
         evaluate=section("evaluate"),
         vendors=section("data", "vendors"),
+        protocols=section("protocols"),
     shell:
-        "gram report --params params.yaml --profile {wildcards.profile} --eval results/{wildcards.profile}/eval --backbone models/{wildcards.profile}/backbone --out results/{wildcards.profile} --log {log}"
+        "gram report --params params.yaml --profile {wildcards.profile} --eval results/{wildcards.profile}/eval --runs results/{wildcards.profile}/runs --backbone models/{wildcards.profile}/backbone --out results/{wildcards.profile} --log {log}"

@@ -1,0 +1,279 @@
+"""Protocol tables and few-shot curves from the per-run JSONs (part of the report stage). [ours]
+
+Inputs: the tuned runs `<runs>/<protocol>/<dataset>/<method>/k<shots>-s<seed>.json` (`gram tune`)
+and the zero-shot records `<eval>/<method>/protocols/<protocol>/<dataset>.json` (`gram evaluate`).
+Every cell is the mean ± sample standard deviation over the seeds of `grid.seeds` of the
+class-balanced accuracy (mean per-class recall, %); zero-shot methods have one deterministic run.
+Outputs under `--out`:
+
+    few_shot.md / .csv / .png        methods x shots per dataset; the curves (accuracy vs shots)
+    base_to_new.md / .csv            base, new and harmonic mean per dataset
+    cross_dataset.md / .csv          source dataset and every target dataset, and their average
+    domain_generalisation.md / .csv  source domain and every target domain, and their average
+    protocols.json                   every cell (mean, std, n) for `dvc metrics`
+    runs.csv                         one row per (run, target): accuracy and balanced accuracy
+
+A missing run JSON is an error that names it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from gram.io import atomic_path, read_json, write_json, write_text
+
+METRIC = "balanced_accuracy"
+
+
+def run_path(runs: Path, protocol: str, dataset: str, method: str, shots: int, seed: int) -> Path:
+    return runs / protocol / dataset / method / f"k{shots}-s{seed}.json"
+
+
+def zero_shot_path(eval_dir: Path, method: str, protocol: str, dataset: str) -> Path:
+    return eval_dir / method / "protocols" / protocol / f"{dataset}.json"
+
+
+class Cell:
+    """Values of one table cell over seeds."""
+
+    def __init__(self, values: list[float | None]):
+        self.values = [v for v in values if v is not None]
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.values)) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else (0.0 if self.values else None)
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "–"
+        return f"{100 * self.mean:.1f}" + (f" ± {100 * self.std:.1f}" if len(self.values) > 1 else "")
+
+    def record(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "n": len(self.values)}
+
+
+class Runs:
+    """The records of every zero-shot method and tuned run the grid asks for."""
+
+    def __init__(self, grid, eval_dir: Path, runs_dir: Path):
+        self.grid, self.eval_dir, self.runs_dir = grid, Path(eval_dir), Path(runs_dir)
+        self.zs = list(grid.methods)
+        self.tuned = list(grid.tuned)
+
+    def zero_shot(self, method: str, protocol: str, dataset: str) -> dict:
+        return read_json(zero_shot_path(self.eval_dir, method, protocol, dataset))
+
+    def tuned_runs(self, method: str, protocol: str, dataset: str, shots: int) -> list[dict]:
+        return [read_json(run_path(self.runs_dir, protocol, dataset, method, shots, s)) for s in self.grid.seeds]
+
+    def records(self, method: str, protocol: str, dataset: str, shots: int) -> list[dict]:
+        if method in self.zs:
+            return [self.zero_shot(method, protocol, dataset)]
+        return self.tuned_runs(method, protocol, dataset, shots)
+
+
+def target_value(rec: dict, target: str, metric: str = METRIC) -> float | None:
+    for r in rec["results"]:
+        if r["target"] == target:
+            return r.get(metric) if r["applicable"] else None
+    raise KeyError(f"run {rec['protocol']}/{rec['dataset']}/{rec['method']} k={rec['shots']} has no target {target!r}")
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _csv(head: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(head)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
+
+
+def preamble(title: str, runs: Runs, what: str, domain: str | None) -> list[str]:
+    seeds = ", ".join(map(str, runs.grid.seeds))
+    return [f"# {title}", "",
+            f"{what} Cells: class-balanced accuracy (mean per-class recall, %) on the test split"
+            + (f" in domain `{domain}`" if domain else "")
+            + f", mean ± std over seeds {seeds} (zero-shot methods: one deterministic run). "
+              "`–`: the method cannot score these classes (a linear probe has no weights for unseen classes)."]
+
+
+# ------------------------------------------------------------------------------------------------
+# the four tables
+# ------------------------------------------------------------------------------------------------
+def few_shot(runs: Runs, domain: str | None) -> tuple[str, str, dict]:
+    g = runs.grid
+    md = preamble("Few-shot classification", runs, "Prompts tuned on k shots per class, all classes.", domain)
+    head = ["method"] + [f"{k} shot{'s' if k > 1 else ''}" for k in g.shots]
+    csv_rows, metrics = [], {}
+    for ds in g.datasets:
+        n = runs.zero_shot(runs.zs[0], "few-shot", ds)["results"][0] if runs.zs else None
+        md += ["", f"## {ds}" + (f" ({n['n_classes']} classes, {n['n']} test images)" if n else ""), ""]
+        rows = []
+        for m in runs.zs + runs.tuned:
+            cells = []
+            for k in g.shots:
+                cells.append(Cell([target_value(r, "all") for r in runs.records(m, "few-shot", ds, k)]))
+                metrics.setdefault(ds, {}).setdefault(m, {})[str(k)] = cells[-1].record()
+            if m in runs.zs:  # the same zero-shot number under every k: shown once
+                cells = [cells[0]] + [Cell([]) for _ in cells[1:]]
+            rows.append([m] + [c.text() if c.values else ("" if m in runs.zs else "–") for c in cells])
+            csv_rows += [[ds, m, k, _num(c.mean), _num(c.std), len(c.values)] for k, c in zip(g.shots, cells)
+                         if c.values]
+        md += _md_table(head, rows)
+    md += ["", "Zero-shot methods are shown in the first column only (they use no shots); "
+               "few_shot.png draws them as horizontal lines."]
+    return "\n".join(md) + "\n", _csv(["dataset", "method", "shots", "mean", "std", "n"], csv_rows), metrics
+
+
+def base_to_new(runs: Runs, domain: str | None) -> tuple[str, str, dict]:
+    g = runs.grid
+    md = preamble("Base-to-new generalisation", runs, f"Prompts tuned on {g.base_to_new_shots} shots per base "
+                  "class; base classes scored among base classes, new classes among new ones; H is their "
+                  "harmonic mean (per seed, then averaged).", domain)
+    csv_rows, metrics = [], {}
+    for ds in g.datasets:
+        md += ["", f"## {ds}", ""]
+        rows = []
+        for m in runs.zs + runs.tuned:
+            recs = runs.records(m, "base-to-new", ds, g.base_to_new_shots)
+            cells = [Cell([r["summary"][METRIC][part] for r in recs]) for part in ("base", "new", "hm")]
+            rows.append([m] + [c.text() for c in cells])
+            metrics.setdefault(ds, {})[m] = {p: c.record() for p, c in zip(("base", "new", "hm"), cells)}
+            csv_rows.append([ds, m] + [v for c in cells for v in (_num(c.mean), _num(c.std))] + [len(recs)])
+        md += _md_table(["method", "base", "new", "H"], rows)
+    head = ["dataset", "method", "base", "base_std", "new", "new_std", "hm", "hm_std", "n"]
+    return "\n".join(md) + "\n", _csv(head, csv_rows), metrics
+
+
+def transfer(runs: Runs, protocol: str, targets: list[str], domain: str | None) -> tuple[str, str, dict]:
+    """Cross-dataset or domain-generalisation: the source column comes from the few-shot runs."""
+    g = runs.grid
+    src, k = g.transfer.dataset, g.transfer.shots
+    if protocol == "cross-dataset":
+        title, what = "Cross-dataset transfer", (
+            f"Prompts tuned on {src} ({k} shots per class) scored without tuning on other datasets; test "
+            "images of emojis that were among the tuning shots are left out of the targets.")
+        source_name = src
+    else:
+        title, what = "Domain generalisation", (
+            f"Prompts tuned on {src} in domain `{domain}` ({k} shots per class) scored without tuning in "
+            "other domains.")
+        source_name = domain
+    md = preamble(title, runs, what, None)
+    head = ["method", f"{source_name} (source)"] + targets + ["average"]
+    rows, csv_rows, metrics = [], [], {}
+    for m in runs.zs + runs.tuned:
+        source = Cell([target_value(r, "all") for r in runs.records(m, "few-shot", src, k)])
+        recs = runs.records(m, protocol, src, k)
+        cells = [Cell([target_value(r, t) for r in recs]) for t in targets]
+        avg = Cell([r["summary"][METRIC] for r in recs])
+        rows.append([m, source.text()] + [c.text() for c in cells] + [avg.text()])
+        metrics[m] = {"source": source.record(), **{t: c.record() for t, c in zip(targets, cells)},
+                      "average": avg.record()}
+        csv_rows.append([m] + [_num(c.mean) for c in [source, *cells, avg]] + [len(recs)])
+    md += ["", *_md_table(head, rows)]
+    return "\n".join(md) + "\n", _csv(["method", "source", *targets, "average", "n"], csv_rows), metrics
+
+
+def runs_csv(runs: Runs, prof) -> str:
+    """Every run and target, long format."""
+    g, rows = runs.grid, []
+    jobs = [("few-shot", ds, k) for ds in g.datasets for k in g.shots]
+    jobs += [("base-to-new", ds, g.base_to_new_shots) for ds in g.datasets]
+    if prof.protocols.cross_dataset:
+        jobs.append(("cross-dataset", g.transfer.dataset, g.transfer.shots))
+    if prof.protocols.domain_generalisation:
+        jobs.append(("domain-generalisation", g.transfer.dataset, g.transfer.shots))
+    for protocol, ds, k in jobs:
+        for m in runs.zs + runs.tuned:
+            if m in runs.zs and protocol == "few-shot" and k != g.shots[0]:
+                continue  # one zero-shot record serves every k
+            for r in runs.records(m, protocol, ds, k):
+                for t in r["results"]:
+                    rows.append([protocol, ds, m, r["shots"], r["seed"], r["subset_hash"] or "", t["target"],
+                                 t["dataset"], t["domain"], t.get("n", ""), t["n_excluded"],
+                                 _num(t.get("accuracy")), _num(t.get(METRIC)), r["wall_time_s"]])
+    head = ["protocol", "dataset", "method", "shots", "seed", "subset_hash", "target", "target_dataset",
+            "target_domain", "n", "n_excluded", "accuracy", "balanced_accuracy", "wall_time_s"]
+    return _csv(head, rows)
+
+
+def plot_few_shot(metrics: dict, runs: Runs, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = runs.grid
+    datasets = [ds for ds in g.datasets if ds in metrics]
+    fig, axes = plt.subplots(1, max(1, len(datasets)), figsize=(5 * max(1, len(datasets)), 3.8), squeeze=False)
+    if not datasets:
+        axes[0][0].text(0.5, 0.5, "no few-shot runs in the grid", ha="center", va="center")
+    for ax, ds in zip(axes[0], datasets):
+        for m in runs.tuned:
+            mean = np.array([100 * metrics[ds][m][str(k)]["mean"] for k in g.shots])
+            std = np.array([100 * metrics[ds][m][str(k)]["std"] for k in g.shots])
+            (line,) = ax.plot(g.shots, mean, marker="o", label=m)
+            ax.fill_between(g.shots, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        for i, m in enumerate(runs.zs):
+            ax.axhline(100 * metrics[ds][m][str(g.shots[0])]["mean"], color="k", lw=1, ls=["--", ":", "-."][i % 3],
+                       label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(g.shots, [str(k) for k in g.shots])
+        ax.set_xlabel("shots per class")
+        ax.set_ylabel("class-balanced accuracy (%)")
+        ax.set_title(ds)
+        ax.grid(alpha=0.3)
+    if datasets:
+        axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def run(grid, prof, eval_dir: str | Path, runs_dir: str | Path, out: str | Path) -> dict:
+    """Write the four protocol tables, the curves, the runs and the summary; returns the summary.
+
+    Every output is written even when the grid asks for nothing (a note then says so), so that the
+    workflow's declared outputs always exist.
+    """
+    out = Path(out)
+    runs = Runs(grid, eval_dir, runs_dir)
+    pc = prof.protocols
+    summary: dict = {}
+    names = {"few-shot": "few_shot", "base-to-new": "base_to_new", "cross-dataset": "cross_dataset",
+             "domain-generalisation": "domain_generalisation"}
+    empty = not grid.datasets or not (grid.tuned or grid.methods) or not pc.domain
+    for protocol, name in names.items():
+        targets = {"cross-dataset": pc.cross_dataset, "domain-generalisation": pc.domain_generalisation}.get(protocol)
+        if empty or targets == []:
+            md = f"# {protocol}\n\nNothing to report: the grid or `protocols` of this profile name no run.\n"
+            table, summary[protocol] = "", {}
+        elif protocol == "few-shot":
+            md, table, summary[protocol] = few_shot(runs, pc.domain)
+        elif protocol == "base-to-new":
+            md, table, summary[protocol] = base_to_new(runs, pc.domain)
+        else:
+            md, table, summary[protocol] = transfer(runs, protocol, list(targets), pc.domain)
+        write_text(out / f"{name}.md", md)
+        write_text(out / f"{name}.csv", table)
+    plot_few_shot(summary["few-shot"], runs, out / "few_shot.png")
+    write_text(out / "runs.csv", "" if empty else runs_csv(runs, prof))
+    write_json(out / "protocols.json", summary)
+    return summary

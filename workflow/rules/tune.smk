@@ -1,0 +1,70 @@
+# Tuned methods under the four protocols: one job per (protocol, dataset, method, shots, seed).
+# Few-shot jobs also keep the tuned prompt; cross-dataset and domain-generalisation jobs score the
+# prompt of grid.transfer without tuning.
+
+
+rule few_shot:
+    input:
+        sources("tune.py", "evaluate.py", "prompts", "backbone.py", "data", "io.py"),
+        datasets="data/{profile}/datasets",
+        shards="data/{profile}/shards",
+        backbone="models/{profile}/backbone",
+    output:
+        run="results/{profile}/runs/few-shot/{dataset}/{method}/k{shots}-s{seed}.json",
+        prompt="models/{profile}/prompts/{dataset}/{method}/k{shots}-s{seed}.safetensors",
+    log:
+        "logs/{profile}/few-shot/{dataset}/{method}/k{shots}-s{seed}.log",
+    conda:
+        "../envs/gram.yaml"
+    params:
+        method=method_params,
+        protocols=section("protocols"),
+        device=section("backbone", "device"),
+        dtype=section("backbone", "dtype"),
+    shell:
+        "gram tune --params params.yaml --profile {wildcards.profile} --protocol few-shot --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output.run} --save-prompt {output.prompt} --log {log}"
+
+
+rule base_to_new:
+    input:
+        sources("tune.py", "evaluate.py", "prompts", "backbone.py", "data", "io.py"),
+        datasets="data/{profile}/datasets",
+        shards="data/{profile}/shards",
+        backbone="models/{profile}/backbone",
+    output:
+        "results/{profile}/runs/base-to-new/{dataset}/{method}/k{shots}-s{seed}.json",
+    log:
+        "logs/{profile}/base-to-new/{dataset}/{method}/k{shots}-s{seed}.log",
+    conda:
+        "../envs/gram.yaml"
+    params:
+        method=method_params,
+        protocols=section("protocols"),
+        device=section("backbone", "device"),
+        dtype=section("backbone", "dtype"),
+    shell:
+        "gram tune --params params.yaml --profile {wildcards.profile} --protocol base-to-new --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output} --log {log}"
+
+
+rule transfer:
+    input:
+        sources("tune.py", "evaluate.py", "prompts", "backbone.py", "data", "io.py"),
+        datasets="data/{profile}/datasets",
+        shards="data/{profile}/shards",
+        backbone="models/{profile}/backbone",
+        prompt="models/{profile}/prompts/{dataset}/{method}/k{shots}-s{seed}.safetensors",
+    output:
+        "results/{profile}/runs/{protocol}/{dataset}/{method}/k{shots}-s{seed}.json",
+    log:
+        "logs/{profile}/{protocol}/{dataset}/{method}/k{shots}-s{seed}.log",
+    wildcard_constraints:
+        protocol="cross-dataset|domain-generalisation",
+    conda:
+        "../envs/gram.yaml"
+    params:
+        method=method_params,
+        protocols=section("protocols"),
+        device=section("backbone", "device"),
+        dtype=section("backbone", "dtype"),
+    shell:
+        "gram tune --params params.yaml --profile {wildcards.profile} --protocol {wildcards.protocol} --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output} --load-prompt {input.prompt} --log {log}"
