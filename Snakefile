@@ -15,6 +15,7 @@ validate(config, "workflow/schemas/params.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/backbone.smk"
+include: "workflow/rules/structure.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tune.smk"
 include: "workflow/rules/report.smk"

@@ -18,6 +18,10 @@ from gram.io import setup_logging
 STAGES = {
     "download": ("gram.data", "fetch the data of a profile: corpus shards and classification datasets"),
     "backbone": ("gram.backbone", "load a CLIP (hub id or directory) or pretrain a small one"),
+    "embed": ("gram.embed", "embed the meta-training corpus with the frozen backbone (per shard, resumable)"),
+    "cluster": ("gram.cluster", "Cross-Modal Hierarchical Clustering of the corpus, complexity, quality"),
+    "tasks": ("gram.tasks", "sample complexity-informed meta-tasks (support/query ids) from the hierarchy"),
+    "prototypes": ("gram.prototypes", "multi-level cluster prototypes for the test-time regulator"),
     "evaluate": ("gram.evaluate", "score a zero-shot method on every dataset, domain and protocol"),
     "tune": ("gram.tune", "tune one method for one (protocol, dataset, shots, seed) and score it"),
     "report": ("gram.report", "render the result tables and plots"),

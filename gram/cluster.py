@@ -29,17 +29,34 @@ from it [abstract]. Everything below is our reconstruction (method-notes §1) [o
 
 Level order: `levels[0]` is the finest (k-means) level, `levels[i + 1]` is coarser than `levels[i]`.
 All outputs are numpy on the host except `fuse` and `kmeans`, which stay in torch on their device.
+
+The stage (`gram cluster`) reads the embed stage's output (the domains of `data.vendors.meta`, in
+order), optionally drops the pairs of lowest image-text cosine (`filter_quantile`), clusters the rest
+in `cluster.mode` and writes into its output directory:
+  hierarchy.safetensors  `level{i}.assign|parent|centroids|complexity|spread|disagreement|children`,
+                         `linkage`, and `rows` (kept rows of the concatenated embeddings);
+  keys.txt               the pair id (`<domain>/<sample key>`) of every hierarchy row;
+  clusters.csv           one row per (level, cluster): size, parent, complexity and its parts, and the
+                         majority ground-truth label and its share when `cluster.truth` is set;
+  quality.json           with ground truth: NMI/ARI per level and dendrogram purity, for `mode` and
+                         every mode of `cluster.ablations` (whose trees go to hierarchy-<mode>.safetensors);
+  cluster.json           pairs, filter count, device, time per mode.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger("gram.cluster")
 
 MODES = ("cross-modal", "image", "text")
 # [ours] spread is the quantity method-notes §1 names; disagreement and branching refine it.
@@ -510,3 +527,183 @@ def dendrogram_purity(tree: Hierarchy | np.ndarray, labels, assign: np.ndarray |
     if pairs == 0:
         raise ValueError("dendrogram purity needs two points of one class")
     return total / pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+HIERARCHY = "hierarchy.safetensors"  # the main mode's tree, assignments, complexity, kept rows
+KEYS = "keys.txt"  # one pair id (`<domain>/<sample key>`) per hierarchy row
+
+
+def load_corpus(embed_dir: str | Path, domains: Sequence[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(ids, image [N, E], text [N, E]) of the embedded corpus, domains in the given order.
+
+    Pair ids are `<domain>/<sample key>`, unique across domains."""
+    from gram.embed import load_embeddings
+
+    ids, imgs, txts = [], [], []
+    for d in domains:
+        keys, img, txt = load_embeddings(Path(embed_dir) / d)
+        ids += [f"{d}/{k}" for k in keys]
+        imgs.append(img)
+        txts.append(txt)
+    if not ids:
+        raise ValueError(f"{embed_dir}: the corpus of {list(domains)} has no pairs")
+    return ids, torch.cat(imgs), torch.cat(txts)
+
+
+def read_truth(data_dir: str | Path, ids: Sequence[str], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Ground-truth labellings of the pairs `ids` from the `json` of their shard samples.
+
+    Raises ValueError naming the shard and key when a sample lacks one of `names`."""
+    from gram.data.shards import iter_samples, shard_paths
+
+    wanted = {}
+    for i, pid in enumerate(ids):
+        wanted.setdefault(pid.split("/", 1)[0], {})[pid.split("/", 1)[1]] = i
+    out = {n: np.empty(len(ids), dtype=object) for n in names}
+    seen = 0
+    for domain, rows in wanted.items():
+        for path in shard_paths(Path(data_dir) / "shards" / domain):
+            for s in iter_samples([path]):
+                row = rows.get(s["__key__"])
+                if row is None:
+                    continue
+                meta = json.loads(s.get("json", b"{}"))
+                for n in names:
+                    if n not in meta:
+                        raise ValueError(f"{path}: sample {s['__key__']} has no {n!r} in its json "
+                                         f"(cluster.truth names it)")
+                    out[n][row] = str(meta[n])
+                seen += 1
+    if seen != len(ids):
+        raise ValueError(f"{data_dir}: {len(ids) - seen} embedded pairs were not found in the shards "
+                         "(are the embeddings stale?)")
+    return out
+
+
+def filter_pairs(img: torch.Tensor, txt: torch.Tensor, quantile: float) -> np.ndarray:
+    """Rows kept by the low-similarity filter: all but the floor(q·N) pairs of lowest image-text cosine
+    (ties broken by row order), in row order."""
+    n = img.shape[0]
+    drop = int(math.floor(quantile * n))
+    if drop == 0:
+        return np.arange(n)
+    cos = (F.normalize(img.double(), dim=-1) * F.normalize(txt.double(), dim=-1)).sum(1).numpy()  # [N]
+    order = np.argsort(cos, kind="stable")
+    return np.sort(order[drop:])
+
+
+def cluster_table(h: Hierarchy, scores: list[np.ndarray], parts: list[dict[str, np.ndarray]],
+                  truth: Mapping[str, np.ndarray]) -> list[dict]:
+    """One row per (level, cluster): size, parent, complexity and its parts, and for each ground truth
+    the majority label and its share of the cluster."""
+    rows = []
+    for lev, lab in enumerate(h.levels):
+        counts = np.bincount(lab, minlength=h.sizes[lev])
+        for c in range(h.sizes[lev]):
+            row = {"level": lev, "cluster": c, "size": int(counts[c]),
+                   "parent": int(h.parents[lev][c]) if lev < len(h.parents) else "",
+                   "complexity": round(float(scores[lev][c]), 4)}
+            row.update({k: round(float(v[c]), 4) for k, v in parts[lev].items()})
+            for name, y in truth.items():
+                vals, cnt = np.unique(y[lab == c], return_counts=True)
+                row[f"{name}_majority"] = vals[cnt.argmax()]
+                row[f"{name}_share"] = round(float(cnt.max() / cnt.sum()), 4)
+            rows.append(row)
+    return rows
+
+
+def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path, out: str | Path,
+        device: str = "auto") -> dict:
+    """Cluster the embedded corpus; write the hierarchy, the per-cluster table and, with ground truth,
+    the quality of the main mode and of its ablations into `out`."""
+    import csv
+    import time
+    from gram.backbone import resolve_device
+    from gram.io import atomic_dir, save_tensors, write_json, write_text
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    ids, img, txt = load_corpus(embed_dir, domains)
+    total = len(ids)
+    kept = filter_pairs(img, txt, cfg.filter_quantile)
+    ids = [ids[i] for i in kept]
+    img, txt = img[torch.from_numpy(kept)], txt[torch.from_numpy(kept)]
+    if len(ids) < cfg.fine_k:
+        raise ValueError(f"cluster.fine_k = {cfg.fine_k} exceeds the {len(ids)} pairs of {list(domains)} "
+                         f"(after the filter)")
+    truth = read_truth(data_dir, ids, cfg.truth) if cfg.truth else {}
+    cw = cfg.complexity
+    weights = {"spread": cw.spread, "disagreement": cw.disagreement, "children": cw.children}
+    record = {"pairs": len(ids), "dropped_by_filter": total - len(ids), "device": str(dev), "modes": {}}
+    quality_out = {"pairs": len(ids), "truth": {n: int(len(set(y))) for n, y in truth.items()}, "modes": {}}
+    trees = {}
+    for mode in [cfg.mode, *cfg.ablations]:
+        t = time.perf_counter()
+        z = fuse(img, txt, cfg.weights, mode)
+        h = hierarchy(z, cfg.fine_k, cfg.levels, seed=cfg.seed, iters=cfg.iters, device=dev,
+                      batch_size=cfg.batch_size)
+        trees[mode] = h
+        record["modes"][mode] = {"seconds": round(time.perf_counter() - t, 2), "sizes": h.sizes}
+        if truth:
+            q = quality(h, truth)
+            quality_out["modes"][mode] = {
+                "levels": [{"clusters": size, **lev} for size, lev in zip(h.sizes, q)],
+                "purity": {n: dendrogram_purity(h, y) for n, y in truth.items()}}
+    main = trees[cfg.mode]
+    scores, parts = [], []
+    for lev in range(len(main.levels)):
+        s, p = complexity(img, txt, main, lev, weights, cfg.weights, cfg.mode, cw.sample, cfg.seed)
+        scores.append(s)
+        parts.append(p)
+    tensors = main.to_dict()
+    for lev, (s, p) in enumerate(zip(scores, parts)):
+        tensors[f"level{lev}.complexity"] = torch.from_numpy(s.astype(np.float32))
+        for name, v in p.items():
+            tensors[f"level{lev}.{name}"] = torch.from_numpy(np.asarray(v, dtype=np.float32))
+    tensors["rows"] = torch.from_numpy(kept.astype(np.int64))  # rows of the concatenated embeddings
+    meta = {"mode": cfg.mode, "weights": list(cfg.weights), "domains": list(domains), "sizes": main.sizes}
+    rows = cluster_table(main, scores, parts, truth)
+    with atomic_dir(out) as tmp:
+        save_tensors(tmp / HIERARCHY, tensors, meta)
+        for mode in cfg.ablations:
+            save_tensors(tmp / f"hierarchy-{mode}.safetensors", trees[mode].to_dict(), {**meta, "mode": mode})
+        write_text(tmp / KEYS, "\n".join(ids) + "\n")
+        with open(tmp / "clusters.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        if truth:
+            write_json(tmp / "quality.json", quality_out)
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        write_json(tmp / "cluster.json", record)
+    log.info("clustered %d pairs (%s) into levels %s in %.1f s", len(ids), cfg.mode, main.sizes,
+             record["seconds"])
+    return record
+
+
+def load_chc(chc_dir: str | Path) -> tuple[Hierarchy, list[str], dict[str, torch.Tensor], dict]:
+    """(hierarchy, pair ids, all tensors, metadata) of a cluster stage output directory."""
+    from gram.io import load_tensors
+
+    chc_dir = Path(chc_dir)
+    tensors, meta = load_tensors(chc_dir / HIERARCHY)
+    h = Hierarchy.from_dict(tensors)
+    ids = (chc_dir / KEYS).read_text().splitlines()
+    if len(ids) != len(h.levels[0]):
+        raise ValueError(f"{chc_dir / KEYS}: {len(ids)} ids for a hierarchy of {len(h.levels[0])} pairs")
+    return h, ids, tensors, meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gram.cli import stage_parser, stage_setup
+
+    p = stage_parser("cluster", __doc__)
+    p.add_argument("--data", required=True, help="data directory of the profile (shards: ground truth)")
+    p.add_argument("--embed", required=True, help="embeddings of the embed stage, e.g. data/emoji/embed")
+    p.add_argument("--out", required=True, help="output directory, e.g. data/emoji/chc")
+    args = p.parse_args(argv)
+    _, prof = stage_setup(args)
+    run(prof.cluster, prof.data.vendors.meta, args.data, args.embed, args.out, prof.backbone.device)

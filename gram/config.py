@@ -4,7 +4,7 @@
 
     profile: emoji            # the active profile
     grid: {...}               # what the evaluate and tune stages fan out over (the active profile's)
-    emoji: {data, backbone, evaluate, protocols, methods}
+    emoji: {data, backbone, evaluate, protocols, methods, embed, cluster, tasks, prototypes}
     paper: {...}
     tiny:  {...}
 
@@ -200,6 +200,66 @@ class ProtocolParams:
     batch_size: int = _f(256, help="images per forward pass when scoring", min=1)
 
 
+# --------------------------------------------------------------------------------------------
+# meta-training data structure: embed, cluster (CHC), tasks, prototypes
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbedParams:
+    batch_size: int = _f(256, help="images (and captions) per forward pass; device and dtype are backbone's",
+                         min=1)
+
+
+@dataclass(frozen=True)
+class ComplexityParams:
+    spread: float = _f(0.5, help="weight of the members' mean cosine distance to their centroid", min=0.0)
+    disagreement: float = _f(0.25, help="weight of 1 - corr(image distances, text distances) of members",
+                             min=0.0)
+    children: float = _f(0.25, help="weight of the number of sub-clusters one level finer", min=0.0)
+    sample: int = _f(64, help="members per cluster (at most) for the disagreement term", min=3)
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    mode: Literal["cross-modal", "image", "text"] = _f(
+        "cross-modal", help="features clustered: fused image+text (CHC), or one modality (ablation)")
+    weights: list[float] = _f(factory=lambda: [1.0, 1.0], help="[image, text] weights of the fused feature")
+    fine_k: int = _f(200, help="k-means clusters of the finest level (level 0)", min=2)
+    levels: list[int] = _f(factory=list, help="cluster counts of the coarser levels (Ward over the k-means "
+                                               "centroids), strictly decreasing; level i+1 = levels[i]")
+    iters: int = _f(50, help="k-means iterations at most (stops when no assignment changes)", min=1)
+    seed: int = _f(0, help="k-means seeding and complexity sampling", min=0)
+    filter_quantile: float = _f(0.0, help="drop the pairs whose image-text cosine is in this lowest fraction "
+                                          "(0: keep all)", min=0.0, max=0.9)
+    ablations: list[Literal["cross-modal", "image", "text"]] = _f(
+        factory=list, help="other modes clustered with the same settings, for the quality table")
+    truth: list[str] = _f(factory=list, help="keys of the samples' JSON that are ground-truth labellings "
+                                             "(emoji: subgroup, group); empty: no quality table")
+    complexity: ComplexityParams = _f(factory=ComplexityParams, help="structure complexity of a cluster")
+    batch_size: int = _f(16384, help="rows per k-means assignment block", min=1)
+
+
+@dataclass(frozen=True)
+class TaskParams:
+    level: int = _f(1, help="hierarchy level whose clusters are the domains of a task (0: finest)", min=0)
+    n_tasks: int = _f(1000, help="meta-tasks written", min=1)
+    support: list[int] = _f(factory=lambda: [8, 16], help="[min, max] pairs of a support set; a cluster's "
+                                                          "complexity picks within it")
+    query: list[int] = _f(factory=lambda: [8, 16], help="[min, max] pairs of a query set, as for support")
+    complexity_bias: float = _f(1.0, help="support cluster drawn with probability ~ 1 + bias * complexity "
+                                          "(0: uniform over eligible clusters)", min=0.0)
+    cross_cluster: bool = _f(True, help="query from another cluster than support (false: the same cluster, "
+                                        "disjoint pairs; an ablation)")
+    seed: int = _f(0, help="seed of the task sampler", min=0)
+
+
+@dataclass(frozen=True)
+class PrototypeParams:
+    max_per_cluster: int = _f(4, help="sub-cluster prototypes of the most complex cluster of a level; the "
+                                      "least complex gets 1", min=1)
+    iters: int = _f(20, help="k-means iterations inside a cluster for its sub-prototypes", min=1)
+    seed: int = _f(0, help="seed of the sub-cluster k-means", min=0)
+
+
 @dataclass(frozen=True)
 class ProfileParams:
     data: DataParams = _f(factory=DataParams, help="download stage")
@@ -208,6 +268,10 @@ class ProfileParams:
     protocols: ProtocolParams = _f(factory=ProtocolParams, help="few-shot, base-to-new, cross-dataset and "
                                                                 "domain-generalisation protocols")
     methods: dict[str, MethodParams] = _f(factory=dict, help="tuned methods by name (grid.tuned picks the run ones)")
+    embed: EmbedParams = _f(factory=EmbedParams, help="embed stage: frozen embeddings of the meta-training corpus")
+    cluster: ClusterParams = _f(factory=ClusterParams, help="cluster stage: Cross-Modal Hierarchical Clustering")
+    tasks: TaskParams = _f(factory=TaskParams, help="tasks stage: complexity-informed meta-tasks")
+    prototypes: PrototypeParams = _f(factory=PrototypeParams, help="prototypes stage: multi-level prototypes")
 
 
 @dataclass(frozen=True)
@@ -378,6 +442,22 @@ def _check(obj: Any, prefix: str, where: str) -> None:
         unknown = sorted(set(obj.protocols.cross_dataset) - set(obj.data.datasets))
         if unknown:
             raise err(f"protocols.cross_dataset names {unknown}, which data.datasets does not define")
+    if isinstance(obj, ClusterParams):
+        if len(obj.weights) != 2 or min(obj.weights) < 0 or sum(obj.weights) <= 0:
+            raise err(f"weights must be [image, text], non-negative, not both 0; got {obj.weights}")
+        sizes = obj.levels
+        if any(not 1 <= s < obj.fine_k for s in sizes) or any(a <= b for a, b in zip(sizes, sizes[1:])):
+            raise err(f"levels {sizes} must decrease strictly and lie in [1, fine_k={obj.fine_k})")
+        if obj.mode in obj.ablations:
+            raise err(f"ablations {obj.ablations} repeat the main mode {obj.mode!r}")
+    if isinstance(obj, TaskParams):
+        for key in ("support", "query"):
+            lo_hi = getattr(obj, key)
+            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise err(f"{key} must be [min, max] with 1 <= min <= max; got {lo_hi}")
+    if isinstance(obj, ProfileParams) and obj.tasks.level > len(obj.cluster.levels):
+        raise err(f"tasks.level = {obj.tasks.level} but the hierarchy has levels 0..{len(obj.cluster.levels)} "
+                  "(cluster.levels gives the coarser ones)")
     if isinstance(obj, MethodParams) and obj.kind == "vpt" and obj.n_tokens < 1:
         raise err("vpt needs n_tokens >= 1")
     if isinstance(obj, Params):

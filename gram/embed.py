@@ -1,4 +1,4 @@
-"""Embed (library part): frozen image and caption embeddings of corpus shards, one file per shard. [ours]
+"""Embed stage: frozen image and caption embeddings of the meta-training corpus, one file per shard. [ours]
 
 `embed_shards(bb, shards, out_dir)` writes, for every webdataset shard `<name>.tar`, the file
 `<out_dir>/<name>.safetensors` holding `image` [N, E] and `text` [N, E] (L2-normalised, float32;
@@ -6,11 +6,16 @@ row i of both belongs to the same image-text pair) and, in its metadata, the sam
 fingerprint of the inputs (the shard's SHA-256 and the backbone's). A file whose fingerprint matches
 is kept, so a rerun after an interruption computes only the missing or stale shards; each file is
 written atomically, so an interruption never leaves a truncated one. While one shard is encoded the
-next one is read and decoded on a worker thread (PNG decoding and tar reading release the GIL for
-most of their work), so the device waits less for input.
+next one is read and decoded on a worker thread (PNG/JPEG decoding and tar reading release the GIL
+for most of their work), so the device waits less for input; the record says how long it waited.
+
+The stage (`gram embed`) embeds the shards of every corpus domain (emoji: `data.vendors.meta`) into a
+work cache beside its output (`<out parent>/.<out name>.cache/<domain>/`), which survives a failed or
+interrupted run (Snakemake and DVC delete a stage's declared outputs before they rerun it), then
+publishes the finished files into `<out>/<domain>/` as hard links (a copy where links are not
+possible) together with `<out>/embed.json` (counts, timings, input-boundness).
 
 `load_embeddings(out_dir)` concatenates the per-shard files in shard order: (keys, image, text).
-Not yet a pipeline stage: the embed -> cluster -> tasks stages are the meta-training-data issue.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,10 +56,11 @@ def backbone_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_shard(path: Path) -> tuple[list[str], np.ndarray, list[str]]:
-    """Keys, decoded images [N, H, W, 3] and captions of one shard."""
+def read_shard(path: Path) -> tuple[list[str], np.ndarray, list[str], float]:
+    """Keys, decoded images [N, H, W, 3], captions of one shard, and the seconds it took."""
     from gram.data.shards import decode_rgb, iter_samples
 
+    t0 = time.perf_counter()
     keys, images, captions = [], [], []
     for s in iter_samples([path]):
         data = s.get("png", s.get("jpg"))
@@ -61,35 +70,37 @@ def read_shard(path: Path) -> tuple[list[str], np.ndarray, list[str]]:
         images.append(decode_rgb(data, f"{path}:{s['__key__']}"))
         captions.append(s["txt"].decode())
     if not keys:
-        return [], np.zeros((0, 1, 1, 3), np.uint8), []
-    return keys, np.stack(images), captions
+        return [], np.zeros((0, 1, 1, 3), np.uint8), [], time.perf_counter() - t0
+    return keys, np.stack(images), captions, time.perf_counter() - t0
 
 
 def _existing(out: Path, fingerprint: dict) -> bool:
     """True when `out` exists and was computed from the same shard and backbone."""
-    from safetensors import safe_open
+    from gram.io import load_tensors
 
     if not out.exists():
         return False
     try:
-        with safe_open(str(out), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("fingerprint", "{}"))
+        _, meta = load_tensors(out, [])
     except Exception:  # a foreign or damaged file is recomputed, never trusted
         return False
-    return meta == fingerprint
+    return meta.get("fingerprint") == fingerprint
 
 
 def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: str | Path,
                  batch_size: int = 256) -> dict:
-    """Embed every shard into `<out_dir>/<shard stem>.safetensors`; returns {"computed": [...], "kept": [...]}.
+    """Embed every shard into `<out_dir>/<shard stem>.safetensors`.
 
     Args:
         bb: a loaded `gram.backbone.Backbone`; model_dir: its directory (for the fingerprint).
+    Returns:
+        {"computed": [shard names], "kept": [shard names], "pairs": pairs embedded now,
+         "decode_s": seconds the worker spent reading and decoding, "encode_s": seconds of encoding and
+         writing, "wait_s": seconds the encoder waited for decoded input}.
     """
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from gram.io import atomic_path
+    from gram.io import save_tensors
 
     out_dir = Path(out_dir)
     stems = [Path(p).stem for p in shards]
@@ -101,29 +112,34 @@ def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: s
     for p in map(Path, shards):
         fp = {"shard": p.name, "shard_sha256": file_sha256(p), "backbone": model}
         (kept if _existing(out_dir / f"{p.stem}.safetensors", fp) else todo).append((p, fp))
-    kept_names = [p.name for p, _ in kept]
     if kept:
         log.info("%d of %d shards already embedded with this backbone; computing %d", len(kept), len(shards),
                  len(todo))
-    computed = []
+    report = {"computed": [], "kept": [p.name for p, _ in kept], "pairs": 0, "decode_s": 0.0, "encode_s": 0.0,
+              "wait_s": 0.0}
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read_shard, todo[0][0]) if todo else None
-        for i, (path, fp) in enumerate(tqdm(todo, desc="embed", unit="shard")):
-            keys, images, captions = pending.result()
+        for i, (path, fp) in enumerate(tqdm(todo, desc=f"embed {out_dir.name}", unit="shard")):
+            t0 = time.perf_counter()
+            keys, images, captions, decode_s = pending.result()
+            t1 = time.perf_counter()
             pending = pool.submit(read_shard, todo[i + 1][0]) if i + 1 < len(todo) else None
             img = bb.encode_images(images, batch_size).cpu() if keys else torch.zeros(0, 0)  # [N, E]
             txt = bb.encode_texts(captions, batch_size).cpu() if keys else torch.zeros(0, 0)  # [N, E]
-            meta = {"keys": json.dumps(keys), "fingerprint": json.dumps(fp, sort_keys=True)}
-            with atomic_path(out_dir / f"{path.stem}.safetensors") as tmp:
-                save_file({"image": img.contiguous(), "text": txt.contiguous()}, str(tmp), metadata=meta)
-            computed.append(path.name)
-    return {"computed": computed, "kept": kept_names}
+            save_tensors(out_dir / f"{path.stem}.safetensors", {"image": img, "text": txt},
+                         {"keys": keys, "fingerprint": fp})
+            report["computed"].append(path.name)
+            report["pairs"] += len(keys)
+            report["decode_s"] += decode_s
+            report["wait_s"] += t1 - t0
+            report["encode_s"] += time.perf_counter() - t1
+    return report
 
 
 def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tuple[list[str], torch.Tensor,
                                                                                   torch.Tensor]:
     """(keys, image [N, E], text [N, E]) of the per-shard files of `out_dir` (or of `names`), in order."""
-    from safetensors import safe_open
+    from gram.io import load_tensors
 
     out_dir = Path(out_dir)
     files = [out_dir / n for n in names] if names is not None else sorted(out_dir.glob("*.safetensors"))
@@ -131,16 +147,88 @@ def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tupl
         raise FileNotFoundError(f"{out_dir}: no embedding files (did the embed step run?)")
     keys, imgs, txts = [], [], []
     for f in files:
-        with safe_open(str(f), framework="pt") as h:
-            meta = h.metadata() or {}
-            if "keys" not in meta:
-                raise ValueError(f"{f}: not an embedding file of gram.embed (no `keys` in its metadata)")
-            k = json.loads(meta["keys"])
-            if not k:
-                continue
-            keys += k
-            imgs.append(h.get_tensor("image"))
-            txts.append(h.get_tensor("text"))
+        t, meta = load_tensors(f)
+        if "keys" not in meta:
+            raise ValueError(f"{f}: not an embedding file of gram.embed (no `keys` in its metadata)")
+        if not meta["keys"]:
+            continue
+        keys += meta["keys"]
+        imgs.append(t["image"])
+        txts.append(t["text"])
     if not keys:
         return [], torch.zeros(0, 0), torch.zeros(0, 0)
     return keys, torch.cat(imgs), torch.cat(txts)
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+# ------------------------------------------------------------------------------------------------
+def corpus_dirs(data_dir: str | Path, domains: list[str]) -> dict[str, Path]:
+    """Shard directory of every corpus domain (`<data_dir>/shards/<domain>`); errors name what is missing."""
+    if not domains:
+        raise ValueError("data.vendors.meta is empty: there is no meta-training corpus to embed")
+    dirs = {d: Path(data_dir) / "shards" / d for d in domains}
+    for d, path in dirs.items():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no shards of corpus domain {d!r} (did the download stage run?)")
+    return dirs
+
+
+def publish(files: list[Path], out_dir: Path) -> None:
+    """Hard-link (or copy, across file systems) `files` into the fresh directory `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        try:
+            os.link(f, out_dir / f.name)
+        except OSError:
+            shutil.copy2(f, out_dir / f.name)
+
+
+def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: str | Path,
+        out: str | Path) -> dict:
+    """Embed the corpus of every domain; write `<out>/<domain>/*.safetensors` and `<out>/embed.json`."""
+    from gram import backbone as B
+    from gram.data.shards import shard_paths
+    from gram.io import atomic_dir, write_json
+
+    out = Path(out)
+    dirs = corpus_dirs(data_dir, domains)
+    cache = out.with_name(f".{out.name}.cache")
+    bb = B.load(model_dir, backbone_cfg.device, backbone_cfg.dtype)
+    record = {"backbone": str(model_dir), "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."),
+              "batch_size": cfg.batch_size, "domains": {}}
+    t0 = time.perf_counter()
+    for domain, shard_dir in dirs.items():
+        shards = shard_paths(shard_dir)
+        rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size)
+        keys, img, _ = load_embeddings(cache / domain, [f"{p.stem}.safetensors" for p in shards])
+        busy = rep["encode_s"] + rep["wait_s"]
+        record["domains"][domain] = {
+            "shards": len(shards), "pairs": len(keys), "dim": int(img.shape[1]) if len(keys) else 0,
+            "computed": len(rep["computed"]), "kept": len(rep["kept"]),
+            "decode_s": round(rep["decode_s"], 3), "encode_s": round(rep["encode_s"], 3),
+            "wait_s": round(rep["wait_s"], 3),
+            # share of the encoder's time spent waiting for input: ~0 means not input-bound
+            "input_wait_fraction": round(rep["wait_s"] / busy, 4) if busy > 0 else 0.0,
+            "pairs_per_s": round(rep["pairs"] / busy, 1) if busy > 0 else None}
+        log.info("%s: %d pairs in %d shards (%d computed, %d kept); decode %.1f s, encode %.1f s, waited %.1f s",
+                 domain, len(keys), len(shards), len(rep["computed"]), len(rep["kept"]), rep["decode_s"],
+                 rep["encode_s"], rep["wait_s"])
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    with atomic_dir(out) as tmp:
+        for domain, shard_dir in dirs.items():
+            publish([cache / domain / f"{p.stem}.safetensors" for p in shard_paths(shard_dir)], tmp / domain)
+        write_json(tmp / "embed.json", record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gram.cli import stage_parser, stage_setup
+
+    p = stage_parser("embed", __doc__)
+    p.add_argument("--data", required=True, help="data directory of the profile, e.g. data/emoji")
+    p.add_argument("--backbone", required=True, help="backbone directory, e.g. models/emoji/backbone")
+    p.add_argument("--out", required=True, help="output directory, e.g. data/emoji/embed")
+    args = p.parse_args(argv)
+    _, prof = stage_setup(args)
+    run(prof.embed, prof.backbone, prof.data.vendors.meta, args.data, args.backbone, args.out)

@@ -9,7 +9,13 @@ Reads `<eval>/<method>/<dataset>/<domain>.json` for the methods of `grid.methods
     zero_shot.png    balanced accuracy per domain, one panel per dataset
     backbone.png     the pretraining loss curve (a note for a hub backbone)
 
-With `--runs`, also the protocol tables and few-shot curves of `gram.tables`.
+With `--runs`, also the protocol tables and few-shot curves of `gram.tables`. With `--chc` (the
+cluster stage's output), also:
+    clustering.md    the hierarchy (levels, sizes, complexity) and, where the corpus has ground truth
+                     (emoji: Unicode subgroups and groups), dendrogram purity and NMI / ARI per level of
+                     the main mode against its single-modality ablations
+    clustering.csv   one row per (mode, truth, level)
+    clustering.png   NMI against the number of clusters, one line per mode, one panel per truth
 """
 
 from __future__ import annotations
@@ -153,8 +159,90 @@ def plot_loss(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _bold_best(cells: list[float]) -> list[str]:
+    best = max(cells)
+    return [f"**{c:.3f}**" if c == best else f"{c:.3f}" for c in cells]
+
+
+def clustering(chc_dir: str | Path, out: str | Path, profile: str) -> None:
+    """clustering.md/.csv/.png from the cluster stage's output (see the module docstring)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chc_dir, out = Path(chc_dir), Path(out)
+    rec = read_json(chc_dir / "cluster.json")
+    quality = read_json(chc_dir / "quality.json") if (chc_dir / "quality.json").exists() else None
+    with open(chc_dir / "clusters.csv", newline="") as f:
+        clusters = list(csv.DictReader(f))
+    main_mode = next(iter(rec["modes"]))
+    sizes = rec["modes"][main_mode]["sizes"]
+    md = [f"# Meta-training data structure — profile `{profile}`",
+          f"\nCorpus: {rec['pairs']:,} image-text pairs clustered ({rec['dropped_by_filter']:,} dropped by the "
+          f"low-similarity filter). Mode `{main_mode}`; levels (finest first): "
+          + " / ".join(map(str, sizes)) + " clusters (level 0: k-means; coarser: Ward cuts over its centroids).",
+          "\n## Structure complexity of the main mode\n",
+          "| level | clusters | mean size | complexity mean | most complex cluster (size) |", "|---|---|---|---|---|"]
+    for lev, n in enumerate(sizes):
+        rows = [r for r in clusters if int(r["level"]) == lev]
+        top = max(rows, key=lambda r: float(r["complexity"]))
+        label = next((top[k] for k in top if k.endswith("_majority")), "")
+        md.append(f"| {lev} | {n} | {sum(int(r['size']) for r in rows) / n:.1f} | "
+                  f"{sum(float(r['complexity']) for r in rows) / n:.2f} | {top['cluster']}"
+                  f"{f' ({label})' if label else ''}, {top['size']} pairs |")
+    fields = ["mode", "truth", "level", "clusters", "nmi", "ari", "dendrogram_purity"]
+    table = io.StringIO()
+    w = csv.writer(table, lineterminator="\n")
+    w.writerow(fields)
+    fig, axes = plt.subplots(1, max(1, len(quality["truth"]) if quality else 1), figsize=(9, 3.4), squeeze=False)
+    if quality is None:
+        md.append("\n## Quality\n\nNo ground truth (`cluster.truth` is empty): clustering quality is not measured.")
+        axes[0][0].text(0.5, 0.5, "no ground truth: quality not measured", ha="center", va="center",
+                        transform=axes[0][0].transAxes)
+    else:
+        modes, truths = list(quality["modes"]), list(quality["truth"])
+        md.append("\n## Quality against the ground truth\n")
+        md.append("Dendrogram purity (the mean, over pairs of points of the same class, of the class's share of "
+                  "the smallest subtree holding both; 1 = perfect) and NMI / ARI of every level. Best per "
+                  "column in bold. Ground truth: " + ", ".join(f"{t} ({n} classes)" for t, n in quality["truth"].items())
+                  + ".\n")
+        md += ["| mode | " + " | ".join(f"purity {t}" for t in truths) + " |", "|---" * (1 + len(truths)) + "|"]
+        pur = {t: _bold_best([quality["modes"][m]["purity"][t] for m in modes]) for t in truths}
+        md += [f"| {m} | " + " | ".join(pur[t][i] for t in truths) + " |" for i, m in enumerate(modes)]
+        for t in truths:
+            levels = quality["modes"][modes[0]]["levels"]
+            md += [f"\nNMI / ARI against {t}:\n",
+                   "| mode | " + " | ".join(f"{lev['clusters']} clusters" for lev in levels) + " |",
+                   "|---" * (1 + len(levels)) + "|"]
+            nmi = [_bold_best([quality["modes"][m]["levels"][i][t]["nmi"] for m in modes]) for i in range(len(levels))]
+            ari = [_bold_best([quality["modes"][m]["levels"][i][t]["ari"] for m in modes]) for i in range(len(levels))]
+            md += [f"| {m} | " + " | ".join(f"{nmi[i][j]} / {ari[i][j]}" for i in range(len(levels))) + " |"
+                   for j, m in enumerate(modes)]
+        for ax, t in zip(axes[0], truths):
+            for m in modes:
+                levels = quality["modes"][m]["levels"]
+                ax.plot([lev["clusters"] for lev in levels], [lev[t]["nmi"] for lev in levels], marker="o",
+                        label=f"{m} (purity {quality['modes'][m]['purity'][t]:.2f})")
+                for lev in levels:
+                    w.writerow([m, t, levels.index(lev), lev["clusters"], round(lev[t]["nmi"], 6),
+                                round(lev[t]["ari"], 6), round(quality["modes"][m]["purity"][t], 6)])
+            ax.axvline(quality["truth"][t], color="k", ls=":", lw=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("clusters (dotted: classes of the truth)")
+            ax.set_ylabel(f"NMI vs {t}")
+            ax.set_title(f"{t} ({quality['truth'][t]} classes)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    write_text(out / "clustering.md", "\n".join(md) + "\n")
+    write_text(out / "clustering.csv", table.getvalue())
+    with atomic_path(out / "clustering.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | Path | None, out: str | Path,
-        runs_dir: str | Path | None = None) -> str:
+        runs_dir: str | Path | None = None, chc_dir: str | Path | None = None) -> str:
     prof = params.active(profile)
     eval_dir, out = Path(eval_dir), Path(out)
     methods, datasets, domains = list(params.grid.methods), list(prof.evaluate.datasets), list(prof.evaluate.domains)
@@ -176,6 +264,8 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
         from gram import tables
 
         tables.run(params.grid, prof, eval_dir, runs_dir, out)
+    if chc_dir is not None:
+        clustering(chc_dir, out, profile)
     return md
 
 
@@ -187,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone", default=None, help="backbone directory (for its pretraining record)")
     p.add_argument("--runs", default=None, help="tuned runs directory, e.g. results/emoji/runs: also write the "
                                                 "protocol tables (gram.tables)")
+    p.add_argument("--chc", default=None, help="cluster stage output, e.g. data/emoji/chc: also write the "
+                                               "clustering tables")
     p.add_argument("--out", required=True, help="directory of the tables, e.g. results/emoji")
     args = p.parse_args(argv)
     params, _ = stage_setup(args)
-    run(params, args.profile or params.profile, args.eval, args.backbone, args.out, args.runs)
+    run(params, args.profile or params.profile, args.eval, args.backbone, args.out, args.runs, args.chc)

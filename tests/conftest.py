@@ -20,7 +20,8 @@ import fake_npm  # noqa: E402
 def fake_packages(tmp_path_factory) -> Path:
     """A raw/ directory holding the synthetic npm packages, as the download stage caches them."""
     raw = tmp_path_factory.mktemp("raw")
-    for spec in ["emojibase-data@17.0.0", "emoji-datasource-google@16.0.0", "emoji-datasource-apple@16.0.0"]:
+    for spec in ["emojibase-data@17.0.0", "emoji-datasource-google@16.0.0", "emoji-datasource-apple@16.0.0",
+                 "emoji-datasource-facebook@16.0.0"]:
         fake_npm.pack(spec, raw)
     return raw
 

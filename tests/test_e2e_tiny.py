@@ -3,8 +3,8 @@
 Each tool builds the zero-shot table and the four protocol tables from scratch in its own copy of
 the project (a smaller grid than the committed one, to stay fast); a second run has nothing to do;
 changing one backbone parameter reruns the backbone and what depends on it, never the download;
-changing one method's recipe reruns that method's runs and the report only; and both tools produce
-the same tables.
+changing one method's recipe reruns that method's runs and the report only; changing the task
+sampler reruns only the tasks stage; and both tools produce the same tables, hierarchy and tasks.
 """
 
 from __future__ import annotations
@@ -43,6 +43,19 @@ def bump_coop_lr(params: Path) -> None:
                       tail, count=1)
     assert n == 1
     params.write_text(head + tail)
+
+
+def set_tiny_task_seed(params: Path, seed: int) -> None:
+    text = params.read_text()
+    tiny = text.index("\ntiny:")
+    head, tail = text[:tiny], text[tiny:]
+    tail, n = re.subn(r"(\n  tasks: \{.*seed: )[0-9]+\}", rf"\g<1>{seed}}}", tail, count=1)
+    assert n == 1
+    params.write_text(head + tail)
+
+
+STRUCTURE = ["data/tiny/chc/hierarchy.safetensors", "data/tiny/chc/keys.txt", "data/tiny/tasks/tasks.safetensors",
+             "data/tiny/prototypes/prototypes.safetensors", "results/tiny/clustering.csv"]
 
 
 def jobs_snakemake_would_run(cwd: Path) -> set[str]:
@@ -96,6 +109,22 @@ def test_snakemake_builds_the_protocol_tables(snakemake_run):
     cell = summary["few-shot"]["subgroup16"]["coop"]["2"]
     assert cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0
 
+def test_snakemake_builds_the_meta_training_structure(snakemake_run):
+    assert sorted(p.name for p in (snakemake_run / "data/tiny/embed/facebook").iterdir()) == ["00000.safetensors",
+                                                                                            "00001.safetensors"]
+    for f in STRUCTURE:
+        assert (snakemake_run / f).stat().st_size > 0, f
+    md = (snakemake_run / "results/tiny/clustering.md").read_text()
+    assert all(f"| {m} |" in md for m in ("cross-modal", "image", "text")), md
+
+
+def test_snakemake_task_param_reruns_only_tasks(snakemake_run):
+    set_tiny_task_seed(snakemake_run / "params.yaml", 5)
+    assert jobs_snakemake_would_run(snakemake_run) == {"tasks"}
+    set_tiny_task_seed(snakemake_run / "params.yaml", 0)
+    assert "Nothing to be done" in run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
+
+
 def test_snakemake_second_run_does_nothing(snakemake_run):
     out = run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
     assert "Nothing to be done" in out, out
@@ -107,7 +136,8 @@ def test_snakemake_backbone_param_reruns_only_its_dependants(snakemake_run):
     assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop"}
     bump_tiny_steps(snakemake_run / "params.yaml")
     assert jobs_snakemake_would_run(snakemake_run) == {"backbone", "evaluate", "few_shot", "base_to_new",
-                                                       "transfer", "report"}
+                                                       "transfer", "report", "embed", "cluster", "tasks",
+                                                       "prototypes"}
 
 
 def test_dvc_builds_the_same_table(dvc_run, snakemake_run):
@@ -118,8 +148,10 @@ def test_dvc_builds_the_same_table(dvc_run, snakemake_run):
         return re.sub(r"in [0-9.]+ min", "", (cwd / "results/tiny/zero_shot.md").read_text())
 
     assert table(dvc_run) == table(snakemake_run)
-    for t in TABLES:
+    for t in TABLES + ["clustering"]:
         assert (dvc_run / f"results/tiny/{t}.md").read_text() == (snakemake_run / f"results/tiny/{t}.md").read_text()
+    for f in STRUCTURE:  # embeddings, hierarchy, tasks and prototypes: byte for byte
+        assert (dvc_run / f).read_bytes() == (snakemake_run / f).read_bytes(), f
 
 
 def test_dvc_second_run_does_nothing(dvc_run):
@@ -138,6 +170,7 @@ def test_dvc_backbone_param_reruns_only_its_dependants(dvc_run):
     bump_tiny_steps(dvc_run / "params.yaml")
     out = run(["dvc", "repro"], dvc_run)
     ran = {s.split("@")[0] for s in re.findall(r"Running stage '([^']+)'", out)}
-    assert ran == {"backbone", "evaluate", "few-shot", "base-to-new", "transfer", "report"}, out
+    assert ran == {"backbone", "evaluate", "few-shot", "base-to-new", "transfer", "report", "embed", "cluster",
+                   "tasks", "prototypes"}, out
     assert "Stage 'download' didn't change, skipping" in out
     assert "pretrained 31 steps" in (dvc_run / "logs/tiny/backbone.log").read_text()

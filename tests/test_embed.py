@@ -28,7 +28,8 @@ def shards(tmp_path_factory, tiny_data):
 def test_embeddings_equal_the_backbone_features(tmp_path, shards, tiny_clip_dir):
     bb = B.load(tiny_clip_dir, "cpu")
     report = E.embed_shards(bb, shards, tmp_path, tiny_clip_dir, batch_size=7)
-    assert report == {"computed": [p.name for p in shards], "kept": []}
+    assert report["computed"] == [p.name for p in shards] and report["kept"] == []
+    assert report["pairs"] == sum(1 for _ in iter_samples(shards)) and report["wait_s"] >= 0.0
     keys, img, txt = E.load_embeddings(tmp_path, [f"{p.stem}.safetensors" for p in shards])
     in_order = [s["__key__"] for s in iter_samples(shards)]
     assert keys == in_order  # shard order, then order within the shard

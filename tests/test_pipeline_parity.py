@@ -64,7 +64,8 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
     base_to_new = len(g["datasets"]) * len(g["tuned"]) * len(g["seeds"])
     transfer = 2 * len(g["tuned"]) * len(g["seeds"])
     assert stages == {"download": 1, "backbone": 1, "evaluate": len(g["methods"]),
-                      "tune": few_shot + base_to_new + transfer, "report": 1}
+                      "tune": few_shot + base_to_new + transfer, "report": 1, "embed": 1, "cluster": 1,
+                      "tasks": 1, "prototypes": 1}
     protocols = Counter(re.search(r"--protocol (\S+)", c).group(1) for c in smk if c.split()[1] == "tune")
     assert protocols == {"few-shot": few_shot, "base-to-new": base_to_new,
                          "cross-dataset": transfer // 2, "domain-generalisation": transfer // 2}

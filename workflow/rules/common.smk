@@ -97,4 +97,6 @@ PROTOCOL_TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalis
 
 def report_targets():
     out = [f"results/{PROFILE}/zero_shot.{ext}" for ext in ("md", "csv", "json", "png")]
-    return out + [f"results/{PROFILE}/{name}.md" for name in PROTOCOL_TABLES]
+    out += [f"results/{PROFILE}/{name}.md" for name in PROTOCOL_TABLES]
+    out += [f"results/{PROFILE}/clustering.{ext}" for ext in ("md", "csv", "png")]
+    return out + [f"data/{PROFILE}/tasks", f"data/{PROFILE}/prototypes"]

@@ -4,6 +4,7 @@ rule report:
         evals=eval_dirs,
         runs=run_files,
         backbone="models/{profile}/backbone",
+        chc="data/{profile}/chc",
     output:
         md="results/{profile}/zero_shot.md",
         csv="results/{profile}/zero_shot.csv",
@@ -16,6 +17,7 @@ rule report:
         curves="results/{profile}/few_shot.png",
         protocols="results/{profile}/protocols.json",
         runs="results/{profile}/runs.csv",
+        clustering=multiext("results/{profile}/clustering", ".md", ".csv", ".png"),
     log:
         "logs/{profile}/report.log",
     conda:
@@ -26,4 +28,4 @@ rule report:
         vendors=section("data", "vendors"),
         protocols=section("protocols"),
     shell:
-        "gram report --params params.yaml --profile {wildcards.profile} --eval results/{wildcards.profile}/eval --runs results/{wildcards.profile}/runs --backbone models/{wildcards.profile}/backbone --out results/{wildcards.profile} --log {log}"
+        "gram report --params params.yaml --profile {wildcards.profile} --eval results/{wildcards.profile}/eval --runs results/{wildcards.profile}/runs --backbone models/{wildcards.profile}/backbone --chc data/{wildcards.profile}/chc --out results/{wildcards.profile} --log {log}"
