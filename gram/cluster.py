@@ -38,8 +38,9 @@ in `cluster.mode` and writes into its output directory:
   keys.txt               the pair id (`<domain>/<sample key>`) of every hierarchy row;
   clusters.csv           one row per (level, cluster): size, parent, complexity and its parts, and the
                          majority ground-truth label and its share when `cluster.truth` is set;
-  quality.json           with ground truth: NMI/ARI per level and dendrogram purity, for `mode` and
-                         every mode of `cluster.ablations` (whose trees go to hierarchy-<mode>.safetensors);
+  quality.json           with ground truth: NMI/ARI per level and dendrogram purity, mean and std over
+                         `quality_seeds` k-means seeds, for `mode` and every mode of `cluster.ablations`
+                         (whose trees, of seed `seed`, go to hierarchy-<mode>.safetensors);
   cluster.json           pairs, filter count, device, time per mode.
 """
 
@@ -615,6 +616,25 @@ def cluster_table(h: Hierarchy, scores: list[np.ndarray], parts: list[dict[str, 
     return rows
 
 
+def summarise_quality(sizes: Sequence[int], per_seed: list[tuple[list[dict], dict[str, float]]]) -> dict:
+    """Mean and sample std over k-means seeds of `quality` (per level and truth) and of dendrogram purity."""
+    def stat(values: list[float]) -> dict[str, float]:
+        v = np.asarray(values, dtype=np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+    truths = list(per_seed[0][1])
+    levels = []
+    for i, size in enumerate(sizes):
+        lev: dict = {"clusters": int(size)}
+        for t in truths:
+            nmi, ari = stat([q[i][t]["nmi"] for q, _ in per_seed]), stat([q[i][t]["ari"] for q, _ in per_seed])
+            lev[t] = {"nmi": nmi["mean"], "nmi_std": nmi["std"], "ari": ari["mean"], "ari_std": ari["std"]}
+        levels.append(lev)
+    purity = {t: stat([p[t] for _, p in per_seed]) for t in truths}
+    return {"seeds": len(per_seed), "levels": levels, "purity": {t: v["mean"] for t, v in purity.items()},
+            "purity_std": {t: v["std"] for t, v in purity.items()}}
+
+
 def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path, out: str | Path,
         device: str = "auto") -> dict:
     """Cluster the embedded corpus; write the hierarchy, the per-cluster table and, with ground truth,
@@ -622,7 +642,8 @@ def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path
     import csv
     import time
     from gram.backbone import resolve_device
-    from gram.io import atomic_dir, save_tensors, write_json, write_text
+    from gram.io import atomic_dir, write_json, write_text
+    from gram.tensorio import save_tensors
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -643,15 +664,18 @@ def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path
     for mode in [cfg.mode, *cfg.ablations]:
         t = time.perf_counter()
         z = fuse(img, txt, cfg.weights, mode)
-        h = hierarchy(z, cfg.fine_k, cfg.levels, seed=cfg.seed, iters=cfg.iters, device=dev,
-                      batch_size=cfg.batch_size)
-        trees[mode] = h
-        record["modes"][mode] = {"seconds": round(time.perf_counter() - t, 2), "sizes": h.sizes}
+        per_seed = []
+        for seed in range(cfg.seed, cfg.seed + (cfg.quality_seeds if truth else 1)):
+            h = hierarchy(z, cfg.fine_k, cfg.levels, seed=seed, iters=cfg.iters, device=dev,
+                          batch_size=cfg.batch_size)
+            if seed == cfg.seed:
+                trees[mode] = h
+            if truth:
+                per_seed.append((quality(h, truth), {n: dendrogram_purity(h, y) for n, y in truth.items()}))
+        record["modes"][mode] = {"seconds": round(time.perf_counter() - t, 2), "sizes": trees[mode].sizes,
+                                 "hierarchies": len(per_seed) or 1}
         if truth:
-            q = quality(h, truth)
-            quality_out["modes"][mode] = {
-                "levels": [{"clusters": size, **lev} for size, lev in zip(h.sizes, q)],
-                "purity": {n: dendrogram_purity(h, y) for n, y in truth.items()}}
+            quality_out["modes"][mode] = summarise_quality(trees[mode].sizes, per_seed)
     main = trees[cfg.mode]
     scores, parts = [], []
     for lev in range(len(main.levels)):
@@ -686,7 +710,7 @@ def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path
 
 def load_chc(chc_dir: str | Path) -> tuple[Hierarchy, list[str], dict[str, torch.Tensor], dict]:
     """(hierarchy, pair ids, all tensors, metadata) of a cluster stage output directory."""
-    from gram.io import load_tensors
+    from gram.tensorio import load_tensors
 
     chc_dir = Path(chc_dir)
     tensors, meta = load_tensors(chc_dir / HIERARCHY)

@@ -207,6 +207,7 @@ class ProtocolParams:
 class EmbedParams:
     batch_size: int = _f(256, help="images (and captions) per forward pass; device and dtype are backbone's",
                          min=1)
+    workers: int = _f(0, help="threads that decode and preprocess images (0: one per CPU core)", min=0)
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,8 @@ class ClusterParams:
         factory=list, help="other modes clustered with the same settings, for the quality table")
     truth: list[str] = _f(factory=list, help="keys of the samples' JSON that are ground-truth labellings "
                                              "(emoji: subgroup, group); empty: no quality table")
+    quality_seeds: int = _f(1, help="k-means seeds (seed, seed+1, ...) over which the quality table averages "
+                                    "every mode (the saved hierarchy uses `seed`)", min=1)
     complexity: ComplexityParams = _f(factory=ComplexityParams, help="structure complexity of a cluster")
     batch_size: int = _f(16384, help="rows per k-means assignment block", min=1)
 

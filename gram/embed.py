@@ -5,9 +5,14 @@
 row i of both belongs to the same image-text pair) and, in its metadata, the sample keys and a
 fingerprint of the inputs (the shard's SHA-256 and the backbone's). A file whose fingerprint matches
 is kept, so a rerun after an interruption computes only the missing or stale shards; each file is
-written atomically, so an interruption never leaves a truncated one. While one shard is encoded the
-next one is read and decoded on a worker thread (PNG/JPEG decoding and tar reading release the GIL
-for most of their work), so the device waits less for input; the record says how long it waited.
+written atomically, so an interruption never leaves a truncated one.
+
+Input pipeline: an input thread reads the shards in order and has a pool of `workers` threads decode,
+resize and centre-crop each image exactly as the backbone's preprocessing does (PIL decoding and
+torch's resampling release the GIL), queueing batches of `batch_size` pixels (any image size: each
+image is resized on its own) up to `prefetch` batches ahead. The main thread only moves a batch to
+the device, normalises it there and runs the encoders, so decoding and resizing stay off its path;
+the record gives the seconds it waited for input (`wait_s`) against the seconds it encoded.
 
 The stage (`gram embed`) embeds the shards of every corpus domain (emoji: `data.vendors.meta`) into a
 work cache beside its output (`<out parent>/.<out name>.cache/<domain>/`), which survives a failed or
@@ -24,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,27 +63,65 @@ def backbone_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_shard(path: Path) -> tuple[list[str], np.ndarray, list[str], float]:
-    """Keys, decoded images [N, H, W, 3], captions of one shard, and the seconds it took."""
-    from gram.data.shards import decode_rgb, iter_samples
+def read_shard(path: Path) -> list[tuple[str, bytes, str]]:
+    """(key, image bytes, caption) of every sample of one shard, undecoded, in order."""
+    from gram.data.shards import iter_samples
 
-    t0 = time.perf_counter()
-    keys, images, captions = [], [], []
+    out = []
     for s in iter_samples([path]):
         data = s.get("png", s.get("jpg"))
         if data is None or "txt" not in s:
             raise ValueError(f"{path}: sample {s['__key__']} lacks an image (png/jpg) or a caption (txt)")
-        keys.append(s["__key__"])
-        images.append(decode_rgb(data, f"{path}:{s['__key__']}"))
-        captions.append(s["txt"].decode())
-    if not keys:
-        return [], np.zeros((0, 1, 1, 3), np.uint8), [], time.perf_counter() - t0
-    return keys, np.stack(images), captions, time.perf_counter() - t0
+        out.append((s["__key__"], data, s["txt"].decode()))
+    return out
+
+
+def _pixels(data: bytes, where: str, spec) -> torch.Tensor:
+    """One image: decode, resize and centre-crop as the backbone does (not yet normalised) -> [3, crop, crop]."""
+    from gram.backbone import preprocess
+    from gram.data.shards import decode_rgb
+
+    return preprocess(torch.tensor(decode_rgb(data, where))[None], spec, normalize=False)[0]
+
+
+_DONE = object()  # end of a shard in the input queue
+
+
+def _produce(todo: list[Path], spec, batch_size: int, workers: int, q: queue.Queue, stop: threading.Event) -> None:
+    """Input thread: read every shard, decode and preprocess its images on `workers` threads, and queue
+    (shard index, keys, pixels [B, 3, crop, crop], captions, seconds) batches, then _DONE per shard.
+    An exception is queued for the consumer to raise."""
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, path in enumerate(todo):
+                t0 = time.perf_counter()
+                samples = read_shard(path)
+                for s in range(0, len(samples), batch_size):
+                    chunk = samples[s:s + batch_size]
+                    px = list(pool.map(lambda x: _pixels(x[1], f"{path}:{x[0]}", spec), chunk))
+                    item = (i, [k for k, _, _ in chunk], torch.stack(px), [c for _, _, c in chunk],
+                            time.perf_counter() - t0)
+                    if not put(item):
+                        return
+                    t0 = time.perf_counter()
+                if not put((i, _DONE)):
+                    return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        put(e)
 
 
 def _existing(out: Path, fingerprint: dict) -> bool:
     """True when `out` exists and was computed from the same shard and backbone."""
-    from gram.io import load_tensors
+    from gram.tensorio import load_tensors
 
     if not out.exists():
         return False
@@ -88,11 +133,12 @@ def _existing(out: Path, fingerprint: dict) -> bool:
 
 
 def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: str | Path,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = 256, workers: int = 2, prefetch: int = 4) -> dict:
     """Embed every shard into `<out_dir>/<shard stem>.safetensors`.
 
     Args:
         bb: a loaded `gram.backbone.Backbone`; model_dir: its directory (for the fingerprint).
+        workers: threads that decode and preprocess images; prefetch: batches queued ahead of the encoder.
     Returns:
         {"computed": [shard names], "kept": [shard names], "pairs": pairs embedded now,
          "decode_s": seconds the worker spent reading and decoding, "encode_s": seconds of encoding and
@@ -100,7 +146,7 @@ def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: s
     """
     from tqdm import tqdm
 
-    from gram.io import save_tensors
+    from gram.tensorio import save_tensors
 
     out_dir = Path(out_dir)
     stems = [Path(p).stem for p in shards]
@@ -117,29 +163,57 @@ def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: s
                  len(todo))
     report = {"computed": [], "kept": [p.name for p, _ in kept], "pairs": 0, "decode_s": 0.0, "encode_s": 0.0,
               "wait_s": 0.0}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read_shard, todo[0][0]) if todo else None
-        for i, (path, fp) in enumerate(tqdm(todo, desc=f"embed {out_dir.name}", unit="shard")):
-            t0 = time.perf_counter()
-            keys, images, captions, decode_s = pending.result()
+    if not todo:
+        return report
+    from gram.backbone import normalize_pixels
+
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce, args=([p for p, _ in todo], bb.spec, batch_size, workers, q, stop),
+                                daemon=True, name="embed-input")
+    producer.start()
+    bar = tqdm(total=len(todo), desc=f"embed {out_dir.name}", unit="shard")
+    try:
+        for path, fp in todo:
+            keys, imgs, txts = [], [], []
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                report["wait_s"] += time.perf_counter() - t0
+                if isinstance(item, BaseException):
+                    raise item
+                if item[1] is _DONE:
+                    break
+                _, k, px, captions, decode_s = item
+                t1 = time.perf_counter()
+                with torch.no_grad():
+                    pv = normalize_pixels(px.to(bb.device, non_blocking=True), bb.spec).to(bb.dtype)
+                    f = bb.model.get_image_features(pixel_values=pv).pooler_output.float()
+                imgs.append(torch.nn.functional.normalize(f, dim=-1).cpu())  # [B, E]
+                txts.append(bb.encode_texts(captions, batch_size).cpu())  # [B, E]
+                keys += k
+                report["decode_s"] += decode_s
+                report["encode_s"] += time.perf_counter() - t1
             t1 = time.perf_counter()
-            pending = pool.submit(read_shard, todo[i + 1][0]) if i + 1 < len(todo) else None
-            img = bb.encode_images(images, batch_size).cpu() if keys else torch.zeros(0, 0)  # [N, E]
-            txt = bb.encode_texts(captions, batch_size).cpu() if keys else torch.zeros(0, 0)  # [N, E]
+            img = torch.cat(imgs) if keys else torch.zeros(0, 0)
+            txt = torch.cat(txts) if keys else torch.zeros(0, 0)
             save_tensors(out_dir / f"{path.stem}.safetensors", {"image": img, "text": txt},
                          {"keys": keys, "fingerprint": fp})
+            report["encode_s"] += time.perf_counter() - t1
             report["computed"].append(path.name)
             report["pairs"] += len(keys)
-            report["decode_s"] += decode_s
-            report["wait_s"] += t1 - t0
-            report["encode_s"] += time.perf_counter() - t1
+            bar.update()
+    finally:
+        stop.set()
+        bar.close()
+        producer.join(timeout=5)
     return report
 
 
 def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tuple[list[str], torch.Tensor,
                                                                                   torch.Tensor]:
     """(keys, image [N, E], text [N, E]) of the per-shard files of `out_dir` (or of `names`), in order."""
-    from gram.io import load_tensors
+    from gram.tensorio import load_tensors
 
     out_dir = Path(out_dir)
     files = [out_dir / n for n in names] if names is not None else sorted(out_dir.glob("*.safetensors"))
@@ -196,11 +270,11 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
     cache = out.with_name(f".{out.name}.cache")
     bb = B.load(model_dir, backbone_cfg.device, backbone_cfg.dtype)
     record = {"backbone": str(model_dir), "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."),
-              "batch_size": cfg.batch_size, "domains": {}}
+              "batch_size": cfg.batch_size, "workers": cfg.workers or os.cpu_count() or 1, "domains": {}}
     t0 = time.perf_counter()
     for domain, shard_dir in dirs.items():
         shards = shard_paths(shard_dir)
-        rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size)
+        rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size, cfg.workers or os.cpu_count() or 1)
         keys, img, _ = load_embeddings(cache / domain, [f"{p.stem}.safetensors" for p in shards])
         busy = rep["encode_s"] + rep["wait_s"]
         record["domains"][domain] = {

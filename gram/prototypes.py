@@ -91,7 +91,8 @@ def prototypes(img: torch.Tensor, txt: torch.Tensor, h: Hierarchy, complexity: l
 def run(cfg, domains: list[str], embed_dir: str | Path, chc_dir: str | Path, out: str | Path) -> dict:
     """Write `<out>/prototypes.safetensors` and `<out>/prototypes.json` from the embed and cluster outputs."""
     from gram.cluster import load_chc, load_corpus
-    from gram.io import atomic_dir, save_tensors, write_json
+    from gram.io import atomic_dir, write_json
+    from gram.tensorio import save_tensors
 
     h, ids, tensors, meta = load_chc(chc_dir)
     all_ids, img, txt = load_corpus(embed_dir, domains)

@@ -159,9 +159,15 @@ def plot_loss(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _bold_best(cells: list[float]) -> list[str]:
+def _bold_best(cells: list[float], stds: list[float] | None = None) -> list[str]:
+    """Cells with 3 decimals (± std when given), the largest mean in bold."""
     best = max(cells)
-    return [f"**{c:.3f}**" if c == best else f"{c:.3f}" for c in cells]
+    out = [f"**{c:.3f}**" if c == best else f"{c:.3f}" for c in cells]
+    return out if stds is None else [f"{c} ± {sd:.3f}" for c, sd in zip(out, stds)]
+
+
+def _std_or_none(seeds: int, values: list[float]) -> list[float] | None:
+    return values if seeds > 1 else None
 
 
 def clustering(chc_dir: str | Path, out: str | Path, profile: str) -> None:
@@ -191,7 +197,8 @@ def clustering(chc_dir: str | Path, out: str | Path, profile: str) -> None:
         md.append(f"| {lev} | {n} | {sum(int(r['size']) for r in rows) / n:.1f} | "
                   f"{sum(float(r['complexity']) for r in rows) / n:.2f} | {top['cluster']}"
                   f"{f' ({label})' if label else ''}, {top['size']} pairs |")
-    fields = ["mode", "truth", "level", "clusters", "nmi", "ari", "dendrogram_purity"]
+    fields = ["mode", "truth", "level", "clusters", "nmi", "nmi_std", "ari", "ari_std", "dendrogram_purity",
+              "dendrogram_purity_std"]
     table = io.StringIO()
     w = csv.writer(table, lineterminator="\n")
     w.writerow(fields)
@@ -203,30 +210,39 @@ def clustering(chc_dir: str | Path, out: str | Path, profile: str) -> None:
     else:
         modes, truths = list(quality["modes"]), list(quality["truth"])
         md.append("\n## Quality against the ground truth\n")
+        seeds = quality["modes"][modes[0]].get("seeds", 1)
+        spread = f"mean ± sample std over {seeds} k-means seeds" if seeds > 1 else "one k-means seed"
         md.append("Dendrogram purity (the mean, over pairs of points of the same class, of the class's share of "
-                  "the smallest subtree holding both; 1 = perfect) and NMI / ARI of every level. Best per "
-                  "column in bold. Ground truth: " + ", ".join(f"{t} ({n} classes)" for t, n in quality["truth"].items())
-                  + ".\n")
+                  f"the smallest subtree holding both; 1 = perfect) and NMI and ARI of every level, {spread}. "
+                  "Best mean per column in bold. Ground truth: "
+                  + ", ".join(f"{t} ({n} classes)" for t, n in quality["truth"].items()) + ".\n")
         md += ["| mode | " + " | ".join(f"purity {t}" for t in truths) + " |", "|---" * (1 + len(truths)) + "|"]
-        pur = {t: _bold_best([quality["modes"][m]["purity"][t] for m in modes]) for t in truths}
+        pur = {t: _bold_best([quality["modes"][m]["purity"][t] for m in modes],
+                             _std_or_none(seeds, [quality["modes"][m]["purity_std"][t] for m in modes]))
+               for t in truths}
         md += [f"| {m} | " + " | ".join(pur[t][i] for t in truths) + " |" for i, m in enumerate(modes)]
         for t in truths:
             levels = quality["modes"][modes[0]]["levels"]
-            md += [f"\nNMI / ARI against {t}:\n",
-                   "| mode | " + " | ".join(f"{lev['clusters']} clusters" for lev in levels) + " |",
-                   "|---" * (1 + len(levels)) + "|"]
-            nmi = [_bold_best([quality["modes"][m]["levels"][i][t]["nmi"] for m in modes]) for i in range(len(levels))]
-            ari = [_bold_best([quality["modes"][m]["levels"][i][t]["ari"] for m in modes]) for i in range(len(levels))]
-            md += [f"| {m} | " + " | ".join(f"{nmi[i][j]} / {ari[i][j]}" for i in range(len(levels))) + " |"
-                   for j, m in enumerate(modes)]
+            for metric in ("nmi", "ari"):
+                md += [f"\n{metric.upper()} against {t}:\n",
+                       "| mode | " + " | ".join(f"{lev['clusters']} clusters" for lev in levels) + " |",
+                       "|---" * (1 + len(levels)) + "|"]
+                cols = [_bold_best([quality["modes"][m]["levels"][i][t][metric] for m in modes],
+                                   _std_or_none(seeds, [quality["modes"][m]["levels"][i][t][f"{metric}_std"]
+                                                        for m in modes]))
+                        for i in range(len(levels))]
+                md += [f"| {m} | " + " | ".join(cols[i][j] for i in range(len(levels))) + " |"
+                       for j, m in enumerate(modes)]
         for ax, t in zip(axes[0], truths):
             for m in modes:
                 levels = quality["modes"][m]["levels"]
                 ax.plot([lev["clusters"] for lev in levels], [lev[t]["nmi"] for lev in levels], marker="o",
                         label=f"{m} (purity {quality['modes'][m]['purity'][t]:.2f})")
-                for lev in levels:
-                    w.writerow([m, t, levels.index(lev), lev["clusters"], round(lev[t]["nmi"], 6),
-                                round(lev[t]["ari"], 6), round(quality["modes"][m]["purity"][t], 6)])
+                for i, lev in enumerate(levels):
+                    q = lev[t]
+                    w.writerow([m, t, i, lev["clusters"], round(q["nmi"], 6), round(q["nmi_std"], 6),
+                                round(q["ari"], 6), round(q["ari_std"], 6), round(quality["modes"][m]["purity"][t], 6),
+                                round(quality["modes"][m]["purity_std"][t], 6)])
             ax.axvline(quality["truth"][t], color="k", ls=":", lw=1)
             ax.set_xscale("log")
             ax.set_xlabel("clusters (dotted: classes of the truth)")

@@ -169,7 +169,8 @@ def summary(tasks: Tasks, complexity: np.ndarray, counts: np.ndarray, n_pairs: i
 def run(cfg, chc_dir: str | Path, out: str | Path) -> dict:
     """Sample the tasks of `cfg` from the cluster stage's output; write `<out>/tasks.safetensors` + tasks.json."""
     from gram.cluster import KEYS, load_chc, minmax
-    from gram.io import atomic_dir, save_tensors, write_json
+    from gram.io import atomic_dir, write_json
+    from gram.tensorio import save_tensors
 
     h, ids, tensors, _ = load_chc(chc_dir)
     if cfg.level >= len(h.levels):
@@ -193,7 +194,7 @@ def run(cfg, chc_dir: str | Path, out: str | Path) -> dict:
 
 def load_tasks(out: str | Path) -> tuple[Tasks, dict]:
     """(tasks, metadata) of a tasks stage output directory."""
-    from gram.io import load_tensors
+    from gram.tensorio import load_tensors
 
     tensors, meta = load_tensors(Path(out) / TASKS)
     return Tasks.from_dict(tensors), meta

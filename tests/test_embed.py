@@ -86,3 +86,28 @@ def test_shards_with_one_name_are_refused(tmp_path, tiny_data, tiny_clip_dir):
     same = [tiny_data / "shards" / v / "00000.tar" for v in ("google", "apple")]
     with pytest.raises(ValueError, match="same name"):
         E.embed_shards(B.load(tiny_clip_dir, "cpu"), same, tmp_path, tiny_clip_dir)
+
+
+def test_images_of_any_size_are_embedded_one_by_one(tmp_path, tiny_clip_dir):
+    """Corpus images differ in size (CC3M): each is resized on its own, as the backbone would resize it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from gram.data.shards import write_shards
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(40, 64), (64, 64), (50, 33), (90, 70)]]
+    samples = []
+    for i, a in enumerate(arrays):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        samples.append({"__key__": f"{i:03d}", "png": buf.getvalue(), "txt": f"picture {i}".encode()})
+    (shard,) = write_shards(samples, tmp_path / "shards", 10)
+    bb = B.load(tiny_clip_dir, "cpu")
+    E.embed_shards(bb, [tmp_path / "shards" / shard], tmp_path / "out", tiny_clip_dir, batch_size=3, workers=2)
+    keys, img, _ = E.load_embeddings(tmp_path / "out")
+    assert keys == ["000", "001", "002", "003"]
+    ref = torch.cat([bb.encode_images(a[None]) for a in arrays])
+    torch.testing.assert_close(img, ref, rtol=0, atol=1e-6)

@@ -132,6 +132,7 @@ def test_cluster_quality_covers_main_mode_and_ablations(world):
             for t in ("subgroup", "group"):
                 assert 0.0 <= lev[t]["nmi"] <= 1.0 and -1.0 <= lev[t]["ari"] <= 1.0
         assert all(0.0 < p <= 1.0 for p in v["purity"].values())
+        assert v["seeds"] == 2 and all(s >= 0.0 for s in v["purity_std"].values())
 
 
 def test_the_filter_drops_the_lowest_image_text_cosines():
@@ -221,7 +222,7 @@ def test_task_and_cluster_params_are_checked(tmp_path):
 # prototypes
 # ------------------------------------------------------------------------------------------------
 def test_prototypes_are_the_member_means_per_level(world, tiny_params):
-    from gram.io import load_tensors
+    from gram.tensorio import load_tensors
 
     cfg = tiny_params[1].prototypes
     h, ids, tensors, _ = CL.load_chc(world["chc"])
@@ -271,7 +272,8 @@ def test_clustering_report_tables(world, tmp_path):
     md = (tmp_path / "clustering.md").read_text()
     for mode in ("cross-modal", "image", "text"):
         assert f"| {mode} |" in md
-    assert "purity subgroup" in md and "NMI / ARI against group" in md and "**" in md
+    assert "purity subgroup" in md and "NMI against group" in md and "ARI against subgroup" in md and "**" in md
+    assert "± " in md and "over 2 k-means seeds" in md
     with open(tmp_path / "clustering.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 2 * 3  # modes x truths x levels

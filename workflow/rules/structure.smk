@@ -4,7 +4,7 @@
 
 rule embed:
     input:
-        sources("embed.py", "backbone.py", "data/shards.py", "io.py"),
+        sources("embed.py", "backbone.py", "data/shards.py", "io.py", "tensorio.py"),
         shards="data/{profile}/shards",
         backbone="models/{profile}/backbone",
     output:
@@ -25,7 +25,14 @@ rule embed:
 
 rule cluster:
     input:
-        sources("cluster.py", "embed.py", "backbone.py", "data/shards.py", "io.py"),
+        sources(
+            "cluster.py",
+            "embed.py",
+            "backbone.py",
+            "data/shards.py",
+            "io.py",
+            "tensorio.py",
+        ),
         shards="data/{profile}/shards",
         embed="data/{profile}/embed",
     output:
@@ -45,7 +52,7 @@ rule cluster:
 
 rule tasks:
     input:
-        sources("tasks.py", "cluster.py", "io.py"),
+        sources("tasks.py", "cluster.py", "io.py", "tensorio.py"),
         chc="data/{profile}/chc",
     output:
         directory("data/{profile}/tasks"),
@@ -61,7 +68,7 @@ rule tasks:
 
 rule prototypes:
     input:
-        sources("prototypes.py", "cluster.py", "embed.py", "io.py"),
+        sources("prototypes.py", "cluster.py", "embed.py", "io.py", "tensorio.py"),
         embed="data/{profile}/embed",
         chc="data/{profile}/chc",
     output:
