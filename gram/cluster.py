@@ -584,14 +584,16 @@ def read_truth(data_dir: str | Path, ids: Sequence[str], names: Sequence[str]) -
     return out
 
 
-def filter_pairs(img: torch.Tensor, txt: torch.Tensor, quantile: float) -> np.ndarray:
+def filter_pairs(img: torch.Tensor, txt: torch.Tensor, quantile: float, batch_size: int = 65536) -> np.ndarray:
     """Rows kept by the low-similarity filter: all but the floor(q·N) pairs of lowest image-text cosine
-    (ties broken by row order), in row order."""
+    (ties broken by row order), in row order. Computed in row blocks (no copy of the corpus)."""
     n = img.shape[0]
     drop = int(math.floor(quantile * n))
     if drop == 0:
         return np.arange(n)
-    cos = (F.normalize(img.double(), dim=-1) * F.normalize(txt.double(), dim=-1)).sum(1).numpy()  # [N]
+    cos = np.concatenate([(F.normalize(img[s:s + batch_size].double(), dim=-1)
+                           * F.normalize(txt[s:s + batch_size].double(), dim=-1)).sum(1).numpy()
+                          for s in range(0, n, batch_size)])  # [N]
     order = np.argsort(cos, kind="stable")
     return np.sort(order[drop:])
 
@@ -600,18 +602,23 @@ def cluster_table(h: Hierarchy, scores: list[np.ndarray], parts: list[dict[str, 
                   truth: Mapping[str, np.ndarray]) -> list[dict]:
     """One row per (level, cluster): size, parent, complexity and its parts, and for each ground truth
     the majority label and its share of the cluster."""
+    codes = {name: np.unique(y, return_inverse=True) for name, y in truth.items()}  # name: (classes, [N] ids)
     rows = []
     for lev, lab in enumerate(h.levels):
-        counts = np.bincount(lab, minlength=h.sizes[lev])
-        for c in range(h.sizes[lev]):
+        k = h.sizes[lev]
+        counts = np.bincount(lab, minlength=k)
+        majority = {}
+        for name, (classes, y) in codes.items():  # [k, classes] contingency table, one pass over the pairs
+            table = np.bincount(lab * len(classes) + y.reshape(-1), minlength=k * len(classes)).reshape(k, -1)
+            majority[name] = (classes[table.argmax(1)], table.max(1) / counts)
+        for c in range(k):
             row = {"level": lev, "cluster": c, "size": int(counts[c]),
                    "parent": int(h.parents[lev][c]) if lev < len(h.parents) else "",
                    "complexity": round(float(scores[lev][c]), 4)}
-            row.update({k: round(float(v[c]), 4) for k, v in parts[lev].items()})
-            for name, y in truth.items():
-                vals, cnt = np.unique(y[lab == c], return_counts=True)
-                row[f"{name}_majority"] = vals[cnt.argmax()]
-                row[f"{name}_share"] = round(float(cnt.max() / cnt.sum()), 4)
+            row.update({key: round(float(v[c]), 4) for key, v in parts[lev].items()})
+            for name, (label, share) in majority.items():
+                row[f"{name}_majority"] = label[c]
+                row[f"{name}_share"] = round(float(share[c]), 4)
             rows.append(row)
     return rows
 
@@ -649,7 +656,7 @@ def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path
     dev = resolve_device(device)
     ids, img, txt = load_corpus(embed_dir, domains)
     total = len(ids)
-    kept = filter_pairs(img, txt, cfg.filter_quantile)
+    kept = filter_pairs(img, txt, cfg.filter_quantile, cfg.batch_size)
     ids = [ids[i] for i in kept]
     img, txt = img[torch.from_numpy(kept)], txt[torch.from_numpy(kept)]
     if len(ids) < cfg.fine_k:

@@ -87,10 +87,12 @@ def _pixels(data: bytes, where: str, spec) -> torch.Tensor:
 _DONE = object()  # end of a shard in the input queue
 
 
-def _produce(todo: list[Path], spec, batch_size: int, workers: int, q: queue.Queue, stop: threading.Event) -> None:
+def _produce(todo: list[Path], spec, batch_size: int, workers: int, q: queue.Queue, stop: threading.Event,
+             pin: bool = False) -> None:
     """Input thread: read every shard, decode and preprocess its images on `workers` threads, and queue
-    (shard index, keys, pixels [B, 3, crop, crop], captions, seconds) batches, then _DONE per shard.
-    An exception is queued for the consumer to raise."""
+    (shard index, keys, pixels [B, 3, crop, crop], captions, seconds) batches, then _DONE per shard;
+    `pin`: in page-locked memory, so the copy to a CUDA device can overlap. An exception is queued for
+    the consumer to raise."""
     def put(item) -> bool:
         while not stop.is_set():
             try:
@@ -108,7 +110,8 @@ def _produce(todo: list[Path], spec, batch_size: int, workers: int, q: queue.Que
                 for s in range(0, len(samples), batch_size):
                     chunk = samples[s:s + batch_size]
                     px = list(pool.map(lambda x: _pixels(x[1], f"{path}:{x[0]}", spec), chunk))
-                    item = (i, [k for k, _, _ in chunk], torch.stack(px), [c for _, _, c in chunk],
+                    px = torch.stack(px)
+                    item = (i, [k for k, _, _ in chunk], px.pin_memory() if pin else px, [c for _, _, c in chunk],
                             time.perf_counter() - t0)
                     if not put(item):
                         return
@@ -169,8 +172,9 @@ def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: s
 
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
-    producer = threading.Thread(target=_produce, args=([p for p, _ in todo], bb.spec, batch_size, workers, q, stop),
-                                daemon=True, name="embed-input")
+    producer = threading.Thread(target=_produce, daemon=True, name="embed-input",
+                                args=([p for p, _ in todo], bb.spec, batch_size, workers, q, stop,
+                                      bb.device.type == "cuda"))
     producer.start()
     bar = tqdm(total=len(todo), desc=f"embed {out_dir.name}", unit="shard")
     try:

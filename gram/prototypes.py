@@ -41,9 +41,11 @@ def sub_counts(complexity: np.ndarray, sizes: np.ndarray, max_per_cluster: int) 
     return np.clip(m, 1, sizes)
 
 
-def _means(x: torch.Tensor, lab: torch.Tensor, k: int) -> torch.Tensor:
-    """Normalised per-label means [k, E] of rows x [N, E] (float64 sums)."""
-    sums = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, lab, x.double())
+def _means(x: torch.Tensor, lab: torch.Tensor, k: int, block: int = 65536) -> torch.Tensor:
+    """Normalised per-label means [k, E] of rows x [N, E] (float64 sums, `block` rows at a time)."""
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
+    for s in range(0, x.shape[0], block):
+        sums.index_add_(0, lab[s:s + block], x[s:s + block].double())
     return F.normalize(sums, dim=-1).float()
 
 

@@ -26,32 +26,26 @@ TUNED_JOBS = 3 * 2 * 2 + 3 * 2 + 2 * 3 * 2  # few-shot + base-to-new + transfer
 TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
 
 
-def bump_tiny_steps(params: Path) -> None:
+def edit_tiny(params: Path, pattern: str, repl: str) -> None:
+    """Substitute once inside the `tiny:` section of params.yaml (the test fails if nothing matched)."""
     text = params.read_text()
     tiny = text.index("\ntiny:")
     head, tail = text[:tiny], text[tiny:]
-    tail, n = re.subn(r"(\n      steps: )30\b", r"\g<1>31", tail, count=1)
-    assert n == 1
+    tail, n = re.subn(pattern, repl, tail, count=1)
+    assert n == 1, pattern
     params.write_text(head + tail)
+
+
+def bump_tiny_steps(params: Path) -> None:
+    edit_tiny(params, r"(\n      steps: )30\b", r"\g<1>31")
 
 
 def bump_coop_lr(params: Path) -> None:
-    text = params.read_text()
-    tiny = text.index("\ntiny:")
-    head, tail = text[:tiny], text[tiny:]
-    tail, n = re.subn(r"(\n    coop: \{kind: coop, init: \"a \{\} emoji\", optimizer: adam, lr: )2.0e-3", r"\g<1>3.0e-3",
-                      tail, count=1)
-    assert n == 1
-    params.write_text(head + tail)
+    edit_tiny(params, r"(\n    coop: \{kind: coop, init: \"a \{\} emoji\", optimizer: adam, lr: )2.0e-3", r"\g<1>3.0e-3")
 
 
 def set_tiny_task_seed(params: Path, seed: int) -> None:
-    text = params.read_text()
-    tiny = text.index("\ntiny:")
-    head, tail = text[:tiny], text[tiny:]
-    tail, n = re.subn(r"(\n  tasks: \{.*seed: )[0-9]+\}", rf"\g<1>{seed}}}", tail, count=1)
-    assert n == 1
-    params.write_text(head + tail)
+    edit_tiny(params, r"(\n  tasks: \{.*seed: )[0-9]+\}", rf"\g<1>{seed}}}")
 
 
 STRUCTURE = ["data/tiny/chc/hierarchy.safetensors", "data/tiny/chc/keys.txt", "data/tiny/tasks/tasks.safetensors",

@@ -119,6 +119,11 @@ def test_hierarchy_every_pair_has_one_cluster_per_level_and_levels_nest(world, t
     assert len(rows) == sum(h.sizes)
     for i in range(len(h.sizes)):
         assert sum(int(r["size"]) for r in rows if int(r["level"]) == i) == n
+    group = CL.read_truth(world["data"], ids, ["group"])["group"]
+    for r in rows:  # the majority group of every cluster, against a direct count
+        vals, cnt = np.unique(group[h.levels[int(r["level"])] == int(r["cluster"])], return_counts=True)
+        assert r["group_share"] == str(round(cnt.max() / cnt.sum(), 4))
+        assert r["group_majority"] in vals[cnt == cnt.max()]
 
 
 def test_cluster_quality_covers_main_mode_and_ablations(world):
