@@ -169,7 +169,8 @@ def _means(x: torch.Tensor, assign: torch.Tensor, k: int, batch_size: int, scatt
 
 
 def kmeans(x, k: int, iters: int = 50, seed: int = 0, device: str | torch.device = "cpu",
-           batch_size: int = 16384, trials: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           batch_size: int = 16384, trials: int | None = None,
+           seed_sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with squared euclidean distance; deterministic for a seed on a given device.
 
     Args:
@@ -178,6 +179,9 @@ def kmeans(x, k: int, iters: int = 50, seed: int = 0, device: str | torch.device
         iters: at most this many centroid updates; stops early when no assignment changes.
         batch_size: rows per block of the [batch, k] distance computation.
         trials: candidates per k-means++ step (default 2 + ln k, the usual greedy choice).
+        seed_sample: seed from this many points drawn at random (0 or >= N: all points). Greedy
+            k-means++ makes k sequential passes over its points, the dominant cost at millions of
+            points; Lloyd's iterations then run on all of them.
     Returns:
         centroids [k, D] float32 (means of their members, not renormalised) and assignments [N] int64,
         both on `device`; every cluster has at least one member.
@@ -190,7 +194,13 @@ def kmeans(x, k: int, iters: int = 50, seed: int = 0, device: str | torch.device
         raise ValueError(f"iters ({iters}) and batch_size ({batch_size}) must be positive")
     gen = torch.Generator().manual_seed(seed)
     sq = (x * x).sum(1)  # [N]
-    centroids = _seed_pp(x, sq, k, gen, trials or 2 + int(math.log(k)))  # [k, D]
+    if 0 < seed_sample < n:
+        if seed_sample < k:
+            raise ValueError(f"seed_sample={seed_sample} must be at least k={k}")
+        idx = torch.randperm(n, generator=gen)[:seed_sample].to(x.device)
+        centroids = _seed_pp(x[idx], sq[idx], k, gen, trials or 2 + int(math.log(k)))  # [k, D]
+    else:
+        centroids = _seed_pp(x, sq, k, gen, trials or 2 + int(math.log(k)))  # [k, D]
     assign, dist = _assign(x, sq, centroids, batch_size)
     _fill_empty(assign, dist, k)
     for _ in range(iters):
@@ -330,7 +340,8 @@ class Hierarchy:
 
 
 def hierarchy(z, fine_k: int, level_sizes: Sequence[int] = (), seed: int = 0, iters: int = 50,
-              device: str | torch.device = "cpu", batch_size: int = 16384, weighted: bool = True) -> Hierarchy:
+              device: str | torch.device = "cpu", batch_size: int = 16384, weighted: bool = True,
+              seed_sample: int = 0) -> Hierarchy:
     """Cross-modal hierarchical clustering of fused features.
 
     Args:
@@ -350,7 +361,8 @@ def hierarchy(z, fine_k: int, level_sizes: Sequence[int] = (), seed: int = 0, it
         raise ValueError(f"fine_k={fine_k} must be between 2 and N for z of shape {tuple(z.shape)}")
     if any(not 1 <= s < fine_k for s in sizes) or any(a <= b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"level_sizes {sizes} must decrease strictly and lie in [1, fine_k={fine_k})")
-    cent, assign = kmeans(z, fine_k, iters=iters, seed=seed, device=device, batch_size=batch_size)
+    cent, assign = kmeans(z, fine_k, iters=iters, seed=seed, device=device, batch_size=batch_size,
+                          seed_sample=seed_sample)
     cent, assign = cent.double().cpu().numpy(), assign.cpu().numpy()  # [K, D], [N]
     counts = np.bincount(assign, minlength=fine_k)  # [K], all >= 1
     link = ward_linkage(cent, counts) if weighted else scipy_linkage(cent, "ward")
@@ -674,7 +686,7 @@ def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path
         per_seed = []
         for seed in range(cfg.seed, cfg.seed + (cfg.quality_seeds if truth else 1)):
             h = hierarchy(z, cfg.fine_k, cfg.levels, seed=seed, iters=cfg.iters, device=dev,
-                          batch_size=cfg.batch_size)
+                          batch_size=cfg.batch_size, seed_sample=cfg.seed_sample)
             if seed == cfg.seed:
                 trees[mode] = h
             if truth:

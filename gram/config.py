@@ -228,6 +228,8 @@ class ClusterParams:
     levels: list[int] = _f(factory=list, help="cluster counts of the coarser levels (Ward over the k-means "
                                                "centroids), strictly decreasing; level i+1 = levels[i]")
     iters: int = _f(50, help="k-means iterations at most (stops when no assignment changes)", min=1)
+    seed_sample: int = _f(0, help="k-means++ seeds from this many random pairs (0: all; at millions of pairs "
+                                  "seeding is the dominant cost)", min=0)
     seed: int = _f(0, help="k-means seeding and complexity sampling", min=0)
     filter_quantile: float = _f(0.0, help="drop the pairs whose image-text cosine is in this lowest fraction "
                                           "(0: keep all)", min=0.0, max=0.9)
@@ -451,6 +453,8 @@ def _check(obj: Any, prefix: str, where: str) -> None:
         sizes = obj.levels
         if any(not 1 <= s < obj.fine_k for s in sizes) or any(a <= b for a, b in zip(sizes, sizes[1:])):
             raise err(f"levels {sizes} must decrease strictly and lie in [1, fine_k={obj.fine_k})")
+        if 0 < obj.seed_sample < obj.fine_k:
+            raise err(f"seed_sample {obj.seed_sample} must be 0 or at least fine_k = {obj.fine_k}")
         if obj.mode in obj.ablations:
             raise err(f"ablations {obj.ablations} repeat the main mode {obj.mode!r}")
     if isinstance(obj, TaskParams):

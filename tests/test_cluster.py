@@ -280,3 +280,16 @@ def test_hierarchy_round_trips_through_safetensors():
         assert np.array_equal(a, b) and a.dtype == b.dtype
     with pytest.raises(ValueError, match="missing"):
         C.Hierarchy.from_dict({"level0.assign": torch.zeros(3, dtype=torch.long)})
+
+
+def test_kmeans_seeding_from_a_sample():
+    img, txt, _, _ = planted()
+    z = C.fuse(img, txt)
+    full = C.kmeans(z, 9, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(full, C.kmeans(z, 9, seed=3, seed_sample=len(z))))  # all = off
+    cen, a = C.kmeans(z, 9, seed=3, seed_sample=40)
+    cen2, a2 = C.kmeans(z, 9, seed=3, seed_sample=40)
+    assert torch.equal(cen, cen2) and torch.equal(a, a2)  # deterministic
+    assert np.bincount(a.numpy(), minlength=9).min() >= 1
+    with pytest.raises(ValueError, match="seed_sample=5 must be at least k=9"):
+        C.kmeans(z, 9, seed_sample=5)
