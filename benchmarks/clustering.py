@@ -7,7 +7,8 @@ Data: N unit vectors in 512-d, a seeded mixture on the sphere (`--centres` unit 
 weights, member = normalize(centre + noise)); img and txt are two noisier views of each member and
 z = `fuse(img, txt)`, written chunk by chunk so that only img, txt and z are resident.
 
-- `centroid`, each N of `--sizes`: one `hierarchy(z, fine_k, --levels, iters=--iters)`, with timing
+- `centroid`, each N of `--sizes`: one `hierarchy(z, fine_k, --levels, iters=--iters,
+  seed_sample=--seed-sample)`, with timing
   wrappers swapped into `gram.cluster` for the call (`kmeans`, `_seed_pp`, `_assign`, `_means`,
   `ward_linkage`, `cut`): k-means++ seeding, Lloyd phase, seconds per assignment pass (Lloyd / passes;
   passes = iterations run + the first assignment; k-means stops early once nothing changes), Ward over
@@ -147,7 +148,8 @@ def run_centroid(n: int, args, device: torch.device) -> tuple[dict, torch.Tensor
     mark = reset_peak(device)
     with probe(device) as c:
         total_s, h = clock(lambda: cluster.hierarchy(zd, args.fine_k, args.levels, seed=args.seed, iters=args.iters,
-                                                     device=device, batch_size=args.batch_size), device)
+                                                     device=device, batch_size=args.batch_size,
+                                                     seed_sample=args.seed_sample), device)
     mem = peak(device, mark)
     passes, seed_s, kmeans_s, ward_s = len(c["_assign"]), c["_seed_pp"][0], c["kmeans"][0], c["ward_linkage"][0]
     level = 1 if args.levels else 0
@@ -286,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levels", type=ints, default=[200, 50, 10], help="coarser level sizes, decreasing")
     p.add_argument("--iters", type=int, default=10, help="at most this many Lloyd iterations (may stop early)")
     p.add_argument("--batch-size", type=int, default=16384, help="k-means rows per distance block")
+    p.add_argument("--seed-sample", type=int, default=0,
+                   help="k-means++ seeding from this many random points (0: all; cluster.seed_sample)")
     p.add_argument("--exact-sizes", type=ints, default=[2000, 4000, 8000, 16000], help="exact-Ward subsamples")
     p.add_argument("--no-sklearn", action="store_true", help="skip the sklearn KMeans reference")
     p.add_argument("--target", type=int, default=3_000_000, help="n to extrapolate both approaches to")
