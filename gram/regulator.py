@@ -1,0 +1,132 @@
+"""Gradient regulating functions ψ_φ (library part; meta-training that learns φ is issue 5). [sibling/ours]
+
+GRAM meta-learns a lightweight function that maps the gradient of the prompt parameters θ to the
+update direction used in the inner loop and in downstream tuning [abstract]. Its form is not public;
+method-notes §2 gives the two we implement, both acting row by row (one row per prompt token, the last
+dimension of a θ tensor) and both starting close to the identity:
+
+- "mix" [sibling: SUPMER's form]: ĝ = up(tanh(down(u))) with u the row's direction g/‖g‖ and a rank-r
+  bottleneck, rescaled to the row's norm ‖g‖; a gate c = σ(gate(h)) from a task context h (e.g. the mean
+  support feature; without a context, a learned scalar); ψ(g; h) = (1 − c)·ĝ + c·g. The gate's last bias
+  starts at logit(`init`) (c ≈ 0.95 by default), so ψ starts near g.
+- "gate" [ours]: ψ(g) = σ(mlp(u)) ⊙ g elementwise, the last layer zero and its bias logit(`init`), so ψ
+  starts at exactly `init`·g.
+
+Feeding the MLPs the direction u rather than g makes them independent of the gradient's scale (prompt
+gradients are often 1e-4 or smaller); a zero row stays zero. ψ is kept in float32 whatever the autocast
+dtype (it computes in its parameters' dtype). `Regulators` holds one ψ per θ tensor; with `torch.func.functional_call` both θ and φ can be
+treated functionally (`regulate`), which the meta-gradient needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Mapping
+
+import torch
+import torch.nn as nn
+
+FORMS = ("mix", "gate")
+EPS = 1.0e-12
+
+
+def _logit(p: float) -> float:
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"init must lie in (0, 1); got {p}")
+    return math.log(p / (1.0 - p))
+
+
+class Regulator(nn.Module):
+    """ψ_φ for the gradient of one prompt tensor whose rows have width `dim`.
+
+    Args:
+        form: "mix" or "gate" (module docstring).
+        rank: bottleneck width of the "mix" direction map; hidden: hidden width of the gates.
+        context_dim: width of the task context h of the "mix" gate (None: a learned scalar gate).
+        init: the gate's starting value (c for "mix", σ for "gate").
+    """
+
+    def __init__(self, dim: int, form: Literal["mix", "gate"] = "mix", rank: int = 16, hidden: int = 32,
+                 context_dim: int | None = None, init: float = 0.95):
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"unknown regulator form {form!r} (one of {', '.join(FORMS)})")
+        self.form, self.dim, self.context_dim = form, dim, context_dim
+        if form == "mix":
+            self.down = nn.Linear(dim, rank)
+            self.up = nn.Linear(rank, dim)
+            if context_dim is None:
+                self.gate_bias = nn.Parameter(torch.tensor(_logit(init)))
+            else:
+                self.gate_in = nn.Linear(context_dim, hidden)
+                self.gate_out = nn.Linear(hidden, 1)
+                nn.init.zeros_(self.gate_out.weight)
+                nn.init.constant_(self.gate_out.bias, _logit(init))
+        else:
+            self.hidden_layer = nn.Linear(dim, hidden)
+            self.out = nn.Linear(hidden, dim)
+            nn.init.zeros_(self.out.weight)
+            nn.init.constant_(self.out.bias, _logit(init))
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype ψ computes in: its parameters' (float32 unless made otherwise), whatever θ's dtype."""
+        return (self.down if self.form == "mix" else self.hidden_layer).weight.dtype
+
+    def gate(self, h: torch.Tensor | None) -> torch.Tensor:
+        """The "mix" gate c in (0, 1): a scalar tensor."""
+        if self.context_dim is None:
+            return torch.sigmoid(self.gate_bias)
+        if h is None:
+            raise ValueError("this regulator was built with a context (context_dim); pass h")
+        return torch.sigmoid(self.gate_out(torch.tanh(self.gate_in(h.to(self._dtype()).reshape(-1))))).squeeze(-1)
+
+    def forward(self, g: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """ψ(g; h): the regulated gradient, same shape and dtype as g ([..., dim])."""
+        if g.shape[-1] != self.dim:
+            raise ValueError(f"gradient rows have width {g.shape[-1]}; this regulator expects {self.dim}")
+        with torch.autocast(device_type=g.device.type, enabled=False):  # ψ stays in its own dtype
+            rows = g.to(self._dtype()).reshape(-1, self.dim)  # [R, dim]
+            norm = rows.norm(dim=-1, keepdim=True)  # [R, 1]
+            u = rows / norm.clamp(min=EPS)
+            if self.form == "mix":
+                d = self.up(torch.tanh(self.down(u)))  # [R, dim]
+                g_hat = d / d.norm(dim=-1, keepdim=True).clamp(min=EPS) * norm  # row norms of g
+                c = self.gate(h)
+                out = (1.0 - c) * g_hat + c * rows
+            else:
+                out = torch.sigmoid(self.out(torch.tanh(self.hidden_layer(u)))) * rows
+        return out.reshape(g.shape).to(g.dtype)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class Regulators(nn.Module):
+    """One `Regulator` per θ tensor (by θ's names), each sized by that tensor's last dimension."""
+
+    def __init__(self, theta: Mapping[str, torch.Tensor], **kwargs):
+        super().__init__()
+        self.names = list(theta)
+        self.psi = nn.ModuleDict({_key(n): Regulator(t.shape[-1], **kwargs) for n, t in theta.items()})
+
+    def forward(self, grads: Mapping[str, torch.Tensor], h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        missing = [n for n in grads if _key(n) not in self.psi]
+        if missing:
+            raise KeyError(f"no regulator for prompt tensors {missing} (have {self.names})")
+        return {n: self.psi[_key(n)](g, h) for n, g in grads.items()}
+
+
+def regulate(regs: Regulators, phi: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+             h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """ψ_φ(grads; h) with φ given explicitly (a dict like `dict(regs.named_parameters())`), so that a
+    meta-gradient can flow to φ through `torch.func`."""
+    return torch.func.functional_call(regs, dict(phi), (grads, h))
+
+
+def inner_step(theta: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], regs: Regulators,
+               phi: Mapping[str, torch.Tensor], lr: float, h: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """θ' = θ − lr · ψ_φ(∇θ; h): one regulated gradient step, differentiable in θ, the gradients and φ."""
+    reg = regulate(regs, phi, grads, h)
+    return {n: t - lr * reg[n] if n in reg else t for n, t in theta.items()}
+
