@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram
     sys.path.insert(0, str(ROOT))
 
 from gram import cluster  # noqa: E402
+from gram.io import write_json  # noqa: E402
 
 DIM, CHUNK, GIB = 512, 65536, 2.0 ** 30
 PROBED = ("kmeans", "_seed_pp", "_assign", "_means", "ward_linkage", "cut")
@@ -240,17 +241,6 @@ def extrapolate(cent: list[dict], exact: dict | None, args) -> dict:
     return out
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def table(report: dict) -> str:
     head = f"{'N':>9} {'iters':>5} {'seed s':>8} {'s/pass':>7} {'lloyd s':>8} {'ward s':>6} {'rest s':>6} " \
            f"{'total s':>8} {'cplx s':>6} {'peak GiB':>8}"
@@ -335,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0 and not args.no_sklearn:  # the reference on the same points, right after gram's run
             report["sklearn_kmeans"] = run_sklearn(z, rec, km, args)
         del z, km
-        write_json_atomic(out, report)
+        write_json(out, report)
     report["exact_ward"] = run_exact(args, device) if args.exact_sizes else None
     report["extrapolated"] = extrapolate(report["centroid"], report["exact_ward"], args)
     report["environment"]["loadavg_end"] = os.getloadavg()
     report["complete"] = True
-    write_json_atomic(out, report)
+    write_json(out, report)
     print(table(report))
     print(f"wrote {out}")
     return 0

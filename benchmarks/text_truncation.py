@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram` importable
     sys.path.insert(0, str(ROOT))
 
+from gram.io import write_json  # noqa: E402
 from gram.prompts.encoders import encode_text_embeds  # noqa: E402
 
 # CLIP ViT-B/16 text tower (openai/clip-vit-base-patch16)
@@ -322,17 +323,6 @@ def measure(case: Case, repeats: int, warmup: int, device: torch.device) -> dict
 # ------------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def table(results: list[dict]) -> str:
     head = f"{'case':<20} {'C':>5} {'L full':>6} {'L cut':>5} {'mode':<17} {'full s':>9} {'cut s':>9} " \
            f"{'speedup':>7} {'max diff':>9}"
@@ -421,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "results": results,
     }
-    write_json_atomic(out, report)
+    write_json(out, report)
     print(table(results))
     print(f"wrote {out}")
     return 0
