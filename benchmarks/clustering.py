@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "environment": environment(device),
-        "settings": dict(vars(args), out=str(out), dim=DIM),
+        "settings": dict(vars(args), out=os.path.relpath(out, ROOT), dim=DIM),
         "memory_note": "peak_rss_gib: getrusage ru_maxrss over the phase (mark reset before it); rss_before_gib: "
                        "the RSS at the reset (interpreter, libraries and the resident img/txt/z)",
         "complete": False, "centroid": [], "extrapolated": {},

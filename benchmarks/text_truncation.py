@@ -204,7 +204,7 @@ def emoji_cases(backbone_dir: Path, classes_file: Path, device: torch.device, dt
     tc = bb.model.config.text_config
     ids, eos = learner.prompt_ids(names)
     common = {
-        "model": str(backbone_dir),
+        "model": os.path.relpath(backbone_dir, ROOT) if os.path.isabs(str(backbone_dir)) else str(backbone_dir),
         "text_config": {k: getattr(tc, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
                                                       "num_hidden_layers", "num_attention_heads",
                                                       "max_position_embeddings", "hidden_act")},
@@ -213,7 +213,7 @@ def emoji_cases(backbone_dir: Path, classes_file: Path, device: torch.device, dt
         "learner": 'CoOp(bb, init="a {} emoji")',
         "n_ctx": learner.n_ctx,
         "classes": len(names),
-        "class_names_from": source,
+        "class_names_from": os.path.relpath(source, ROOT) if os.path.isabs(str(source)) else str(source),
         "eos": eos_stats(eos),
         "length_truncated": int(eos.max()) + 1,
     }
