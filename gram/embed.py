@@ -36,7 +36,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger("gram.embed")
