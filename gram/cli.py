@@ -22,6 +22,7 @@ STAGES = {
     "cluster": ("gram.cluster", "Cross-Modal Hierarchical Clustering of the corpus, complexity, quality"),
     "tasks": ("gram.tasks", "sample complexity-informed meta-tasks (support/query ids) from the hierarchy"),
     "prototypes": ("gram.prototypes", "multi-level cluster prototypes for the test-time regulator"),
+    "meta": ("gram.meta", "meta-train a prompt initialisation θ and gradient regulator ψ_φ (GRAM)"),
     "evaluate": ("gram.evaluate", "score a zero-shot method on every dataset, domain and protocol"),
     "tune": ("gram.tune", "tune one method for one (protocol, dataset, shots, seed) and score it"),
     "report": ("gram.report", "render the result tables and plots"),

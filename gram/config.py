@@ -186,6 +186,9 @@ class MethodParams:
     steps: int = _f(200, help="optimiser steps", min=0)
     batch_size: int = _f(0, help="images per step (0: all shots, full batch)", min=0)
     C: float = _f(10.0, help="linear-probe: inverse L2 regularisation strength (scikit-learn's C)", min=0.0)
+    meta_init: bool = _f(False, help="GRAM: start from the meta-learned θ (grid.gram names the meta recipe)")
+    meta_regulator: bool = _f(False, help="GRAM: replace every gradient by the meta-learned ψ_φ(g; h) before "
+                                          "the optimiser step (h: mean frozen image feature of the batch)")
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,9 @@ class TaskParams:
     cross_cluster: bool = _f(True, help="query from another cluster than support (false: the same cluster, "
                                         "disjoint pairs; an ablation)")
     seed: int = _f(0, help="seed of the task sampler", min=0)
+    variants: list[Literal["same-cluster"]] = _f(
+        factory=list, help="extra task files with the same sizes and seed: same-cluster (support and query "
+                           "from one cluster, the ablation of the cross-cluster split)")
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,42 @@ class PrototypeParams:
                                       "least complex gets 1", min=1)
     iters: int = _f(20, help="k-means iterations inside a cluster for its sub-prototypes", min=1)
     seed: int = _f(0, help="seed of the sub-cluster k-means", min=0)
+
+
+@dataclass(frozen=True)
+class RegulatorParams:
+    form: Literal["mix", "gate"] = _f("mix", help="mix: SUPMER-style low-rank map mixed with g by a gate; gate: "
+                                                  "an elementwise sigmoid gate on g (gram/regulator.py)")
+    rank: int = _f(16, help="mix: bottleneck width of the direction map", min=1)
+    hidden: int = _f(32, help="hidden width of the gates", min=1)
+    context: bool = _f(True, help="mix: the gate reads the task context h (mean support image feature); "
+                                  "false: a learned scalar gate")
+    init: float = _f(0.95, help="starting gate value (ψ starts close to the identity)", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class MetaParams:
+    prompt: MethodParams = _f(factory=MethodParams, help="the prompt whose θ is meta-learned (kind, init, n_ctx, "
+                                                          "n_tokens, deep, coupled are read)")
+    regulator: RegulatorParams = _f(factory=RegulatorParams, help="the gradient regulating function ψ_φ")
+    tasks: Literal["default", "same-cluster"] = _f(
+        "default", help="which task file of the tasks stage: default, or same-cluster (the ablation without "
+                        "the cross-cluster split; needs `same-cluster` in tasks.variants)")
+    steps: int = _f(500, help="outer steps", min=1)
+    tasks_per_step: int = _f(4, help="meta-batch: tasks averaged per outer step", min=1)
+    inner_steps: int = _f(1, help="regulated inner steps on the support set", min=1)
+    inner_lr: float = _f(0.1, help="inner learning rate α of θ' = θ - α ψ(∇θ L_S)", min=0.0)
+    lr: float = _f(1.0e-3, help="Adam learning rate of the initialisation θ", min=0.0)
+    regulator_lr: float = _f(1.0e-3, help="Adam learning rate of the regulator φ", min=0.0)
+    second_order: bool = _f(False, help="differentiate through the support gradient (false: first order in θ; "
+                                        "φ gets its exact gradient either way)")
+    reg_lambda: float = _f(0.0, help="weight of the sibling's meta-regulariser (c - sim/2 - cos(g_Q, ψ(g_S))/2)^2 "
+                                     "(form mix only)", min=0.0)
+    symmetric: bool = _f(False, help="text-as-class loss in both directions (image->text and text->image)")
+    grad_clip: float = _f(1.0, help="norm clip of the outer gradient of θ and of φ (0: off)", min=0.0)
+    autocast: Literal["auto", "bf16", "off"] = _f("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    checkpoint_every: int = _f(100, help="write a resumable checkpoint every N outer steps (0: never)", min=0)
+    seed: int = _f(0, help="seed of the random prompt init and the task order", min=0)
 
 
 @dataclass(frozen=True)
@@ -277,6 +319,7 @@ class ProfileParams:
     cluster: ClusterParams = _f(factory=ClusterParams, help="cluster stage: Cross-Modal Hierarchical Clustering")
     tasks: TaskParams = _f(factory=TaskParams, help="tasks stage: complexity-informed meta-tasks")
     prototypes: PrototypeParams = _f(factory=PrototypeParams, help="prototypes stage: multi-level prototypes")
+    meta: dict[str, MetaParams] = _f(factory=dict, help="meta-training recipes by name (grid.meta picks the run ones)")
 
 
 @dataclass(frozen=True)
@@ -286,11 +329,20 @@ class TransferParams:
 
 
 @dataclass(frozen=True)
+class GramEntry:
+    method: str = _f("", help="a GRAM method (a key of <profile>.methods with meta_init or meta_regulator)")
+    meta: str = _f("", help="the meta-training recipe whose θ and ψ_φ it uses (a key of <profile>.meta)")
+
+
+@dataclass(frozen=True)
 class GridParams:
     methods: list[Literal["zeroshot", "zeroshot-ensemble"]] = _f(
         factory=lambda: ["zeroshot", "zeroshot-ensemble"], help="zero-shot methods, one evaluate job each")
     tuned: list[str] = _f(factory=list, help="tuned methods (keys of <profile>.methods): one job per "
                                              "(protocol, dataset, method, shots, seed)")
+    meta: list[str] = _f(factory=list, help="meta-training recipes run (keys of <profile>.meta): one job each")
+    gram: list[GramEntry] = _f(factory=list, help="GRAM methods, each with its meta recipe: one job per "
+                                                  "(protocol, dataset, method, shots, seed), as for `tuned`")
     datasets: list[str] = _f(factory=list, help="datasets of the few-shot and base-to-new protocols")
     shots: list[int] = _f(factory=lambda: [1, 2, 4, 8, 16], help="shots per class of the few-shot protocol")
     seeds: list[int] = _f(factory=lambda: [1, 2, 3], help="seeds of every tuned run (subset, init, batches)")
@@ -467,8 +519,32 @@ def _check(obj: Any, prefix: str, where: str) -> None:
                   "(cluster.levels gives the coarser ones)")
     if isinstance(obj, MethodParams) and obj.kind == "vpt" and obj.n_tokens < 1:
         raise err("vpt needs n_tokens >= 1")
+    if isinstance(obj, MethodParams) and (obj.meta_init or obj.meta_regulator):
+        if obj.kind == "linear-probe":
+            raise err("meta_init/meta_regulator apply to prompt methods (coop, vpt, joint), not linear-probe")
+        if obj.class_specific and obj.meta_init:
+            raise err("meta_init starts from one shared context; it cannot initialise a class-specific one")
+    if isinstance(obj, MetaParams):
+        if obj.prompt.kind == "linear-probe":
+            raise err("prompt.kind must be coop, vpt or joint: a linear probe has no prompt to meta-learn")
+        if obj.prompt.class_specific:
+            raise err("prompt.class_specific: captions are the classes of a task, so the context must be shared")
+        if obj.reg_lambda > 0 and obj.regulator.form != "mix":
+            raise err(f"reg_lambda > 0 needs regulator.form: mix (it regularises the mix gate), got "
+                      f"{obj.regulator.form!r}")
+    if isinstance(obj, ProfileParams):
+        for name, m in obj.meta.items():
+            if m.tasks != "default" and m.tasks not in obj.tasks.variants:
+                raise err(f"meta.{name}.tasks = {m.tasks!r} needs {m.tasks!r} in tasks.variants")
     if isinstance(obj, Params):
         check_grid(obj, obj.profile, where)
+
+
+def prompt_shape(m: MethodParams) -> tuple[str, ...]:
+    """The fields of a method that decide the shapes of its θ (what a meta-learned θ must agree on)."""
+    text = ("init",) + (("n_ctx",) if m.init is None else ())
+    return ("kind",) + {"coop": text, "vpt": ("n_tokens", "deep"),
+                        "joint": text + ("n_tokens", "deep", "coupled")}.get(m.kind, ())
 
 
 def check_grid(params: Params, profile: str, where: str) -> None:
@@ -482,6 +558,33 @@ def check_grid(params: Params, profile: str, where: str) -> None:
         extra = [n for n in names if n not in have]
         if extra:
             raise ConfigError(f"{where}: `{key}` names {extra}, which `{where_}` does not define")
+    extra = [n for n in g.meta if n not in prof.meta]
+    if extra:
+        raise ConfigError(f"{where}: `grid.meta` names {extra}, which `{profile}.meta` does not define")
+    for i, e in enumerate(g.gram):
+        key = f"grid.gram[{i}]"
+        if e.method not in prof.methods:
+            raise ConfigError(f"{where}: `{key}.method` = {e.method!r} is not defined in `{profile}.methods`")
+        m = prof.methods[e.method]
+        if not (m.meta_init or m.meta_regulator):
+            raise ConfigError(f"{where}: `{key}.method` = {e.method!r} uses neither meta_init nor meta_regulator "
+                              "(list plain methods in grid.tuned)")
+        if e.method in g.tuned:
+            raise ConfigError(f"{where}: `{key}.method` = {e.method!r} is also in grid.tuned; list it once")
+        if e.meta not in g.meta:
+            raise ConfigError(f"{where}: `{key}.meta` = {e.meta!r} is not in grid.meta {g.meta} (it must be "
+                              "meta-trained)")
+        if e.meta in prof.meta:
+            p = prof.meta[e.meta].prompt
+            diff = [f for f in prompt_shape(m) if getattr(m, f) != getattr(p, f)]
+            if diff:
+                raise ConfigError(f"{where}: `{key}`: method {e.method!r} and the prompt of `{profile}.meta."
+                                  f"{e.meta}` differ in {diff}: the meta-learned θ would not fit")
+    for name in g.tuned:
+        m = prof.methods.get(name)
+        if m is not None and (m.meta_init or m.meta_regulator):
+            raise ConfigError(f"{where}: `grid.tuned` names {name!r}, a GRAM method: list it in grid.gram with "
+                              "its meta recipe")
     if g.datasets:
         if g.transfer.dataset not in g.datasets:
             raise ConfigError(f"{where}: `grid.transfer.dataset` = {g.transfer.dataset!r} is not in grid.datasets "

@@ -66,7 +66,7 @@ class Runs:
     def __init__(self, grid, eval_dir: Path, runs_dir: Path):
         self.grid, self.eval_dir, self.runs_dir = grid, Path(eval_dir), Path(runs_dir)
         self.zs = list(grid.methods)
-        self.tuned = list(grid.tuned)
+        self.tuned = list(grid.tuned) + [e.method for e in grid.gram]
 
     def zero_shot(self, method: str, protocol: str, dataset: str) -> dict:
         return read_json(zero_shot_path(self.eval_dir, method, protocol, dataset))

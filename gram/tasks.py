@@ -25,6 +25,8 @@ file byte for byte. Output (`gram tasks --chc DIR --out DIR`):
                      `query_offsets` [T + 1] (task t's ids are ids[offsets[t]:offsets[t + 1]]),
                      `support_cluster`/`query_cluster` [T], `similarity` [T]; metadata: level, seed,
                      cross_cluster, and the SHA-256 of the hierarchy's keys.txt (rows -> pair ids).
+  tasks-<variant>.safetensors  the same for every entry of `variants` (same-cluster: support and query
+                     from one cluster, disjoint pairs; same sizes and seed).
   tasks.json         a summary (sizes, coverage, how complexity shaped the draw).
 """
 
@@ -181,10 +183,18 @@ def run(cfg, chc_dir: str | Path, out: str | Path) -> dict:
                          cfg.cross_cluster, cfg.seed)
     keys_sha = hashlib.sha256((Path(chc_dir) / KEYS).read_bytes()).hexdigest()
     meta = {"level": cfg.level, "seed": cfg.seed, "cross_cluster": cfg.cross_cluster, "keys_sha256": keys_sha}
+    counts = np.bincount(assign, minlength=h.sizes[cfg.level])
     info = {"level": cfg.level, "cross_cluster": cfg.cross_cluster, "seed": cfg.seed,
-            **summary(tasks, complexity, np.bincount(assign, minlength=h.sizes[cfg.level]), len(ids))}
+            **summary(tasks, complexity, counts, len(ids))}
+    files = {TASKS: (tasks, meta)}
+    for variant in cfg.variants:  # "same-cluster": the ablation of the cross-cluster split
+        v = sample_tasks(assign, complexity, cen, cfg.n_tasks, cfg.support, cfg.query, cfg.complexity_bias,
+                         False, cfg.seed)
+        files[task_file(variant)] = (v, {**meta, "cross_cluster": False, "variant": variant})
+        info.setdefault("variants", {})[variant] = summary(v, complexity, counts, len(ids))
     with atomic_dir(out) as tmp:
-        save_tensors(tmp / TASKS, tasks.to_dict(), meta)
+        for name, (t, m) in files.items():
+            save_tensors(tmp / name, t.to_dict(), m)
         write_json(tmp / "tasks.json", info)
     log.info("%d tasks at level %d (%d clusters): support %.1f pairs, query %.1f pairs on average; coverage %.0f%%",
              len(tasks), cfg.level, h.sizes[cfg.level], info["support_size"]["mean"], info["query_size"]["mean"],
@@ -192,11 +202,19 @@ def run(cfg, chc_dir: str | Path, out: str | Path) -> dict:
     return info
 
 
-def load_tasks(out: str | Path) -> tuple[Tasks, dict]:
-    """(tasks, metadata) of a tasks stage output directory."""
+def task_file(variant: str = "default") -> str:
+    """File name of a task variant in the stage's output directory."""
+    return TASKS if variant == "default" else f"tasks-{variant}.safetensors"
+
+
+def load_tasks(out: str | Path, variant: str = "default") -> tuple[Tasks, dict]:
+    """(tasks, metadata) of a tasks stage output directory (`variant`: default or one of tasks.variants)."""
     from gram.tensorio import load_tensors
 
-    tensors, meta = load_tensors(Path(out) / TASKS)
+    path = Path(out) / task_file(variant)
+    if variant != "default" and not path.exists():
+        raise FileNotFoundError(f"{path}: no {variant!r} tasks here (add {variant!r} to tasks.variants)")
+    tensors, meta = load_tensors(path)
     return Tasks.from_dict(tensors), meta
 
 

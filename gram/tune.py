@@ -19,6 +19,10 @@ Building blocks:
   with momentum under a cosine schedule. Image features are computed once when θ has no visual
   part and text features once when it has no text part.
 - `LinearProbe`: L2-regularised logistic regression on frozen image features (scikit-learn).
+- GRAM methods (`meta_init`, `meta_regulator`; `--meta` = the meta-train output of the method's
+  recipe in `grid.gram`): start from the meta-learned θ and/or pass every gradient through the frozen
+  ψ_φ(g; h) before the optimiser step (`gram.meta`). Init only, regulator only and both are three
+  method recipes over the same meta-training run.
 """
 
 from __future__ import annotations
@@ -65,12 +69,16 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: fl
 
 def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], steps: int = 200,
          lr: float = 2.0e-3, batch_size: int = 32, optimizer: str = "sgd", momentum: float = 0.9,
-         warmup: int = 0, warmup_lr: float = 1.0e-5, seed: int = 0, progress: bool = False) -> list[float]:
+         warmup: int = 0, warmup_lr: float = 1.0e-5, seed: int = 0, progress: bool = False,
+         regulator=None) -> list[float]:
     """Tune the learner's θ in place on (pixels, labels); returns the loss of every step.
 
     Args:
         pixels: preprocessed images [N, 3, H, W]; labels: [N] indices into `names`.
         batch_size: images per step (0 or >= N: the full batch every step).
+        regulator: a frozen `gram.regulator.Regulators` (GRAM's ψ_φ): every step's gradient g of θ is
+            replaced by ψ_φ(g; h) before the optimiser sees it, h = the mean frozen image feature of
+            the step's images [sibling].
     """
     gen = torch.Generator().manual_seed(seed)
     params = list(learner.parameters())
@@ -87,6 +95,9 @@ def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], 
         feats = learner.image_features(pixels) if fixed_images else None  # [N, E], the same at every θ
         txt_fixed = learner.text_features(names) if fixed_texts else None  # [C, E]
     labels = labels.to(learner.backbone.device)
+    if regulator is not None:
+        with torch.no_grad():
+            frozen = feats if fixed_images else frozen_features(learner, pixels)  # [N, E], for h
     n = len(labels)
     full = batch_size <= 0 or batch_size >= n
     losses = []
@@ -100,9 +111,25 @@ def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], 
         loss = F.cross_entropy(logits, labels[idx.to(labels.device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if regulator is not None:
+            with torch.no_grad():
+                grads = {k: p.grad for k, p in learner.named_parameters() if p.grad is not None}
+                h = frozen[idx.to(frozen.device)].mean(0)
+                for k, g in regulator(grads, h).items():
+                    grads[k].copy_(g)
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+@torch.no_grad()
+def frozen_features(learner, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised image features [N, E] of the frozen backbone (no visual prompts)."""
+    from gram.prompts.encoders import encode_image_prompted, normalize
+
+    bb = learner.backbone
+    return torch.cat([normalize(encode_image_prompted(bb.model, pixels[i:i + batch_size].to(bb.device, bb.dtype),
+                                                      None)) for i in range(0, len(pixels), batch_size)])
 
 
 @torch.no_grad()
@@ -118,6 +145,11 @@ def predict(learner, pixels: torch.Tensor, names: list[str], batch_size: int = 2
 # ------------------------------------------------------------------------------------------------
 # methods
 # ------------------------------------------------------------------------------------------------
+def is_gram(m: MethodParams) -> bool:
+    """A GRAM method: it starts from the meta-learned θ, or regulates its gradients with ψ_φ, or both."""
+    return m.meta_init or m.meta_regulator
+
+
 def make_learner(bb, m: MethodParams, n_classes: int, seed: int):
     """The prompt learner of method config `m` (None for the linear probe)."""
     from gram.prompts import VPT, CoOp, Joint
@@ -220,8 +252,9 @@ def load_prompt(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 # one run
 # ------------------------------------------------------------------------------------------------
 def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int, data_dir: Path,
-        class_ids: list[int]) -> tuple[object, dict]:
-    """Tune method `m` on `shots` per class of `class_ids` (train split, domain `pc.domain`)."""
+        class_ids: list[int], meta_dir: str | Path | None = None) -> tuple[object, dict]:
+    """Tune method `m` on `shots` per class of `class_ids` (train split, domain `pc.domain`); a GRAM
+    method (meta_init / meta_regulator) takes θ and ψ_φ from the meta-train output `meta_dir`."""
     from gram.backbone import preprocess
     from gram.data import split_images
     from gram.evaluate import restrict
@@ -233,16 +266,28 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
     names = [sp.classes[c] for c in class_ids]
     t0 = time.time()
     torch.manual_seed(seed)
+    meta_info = None
     if m.kind == "linear-probe":
         clf = LinearProbe(bb, dataset, class_ids, m.C, pc.batch_size)
         clf.fit(images[idx], labels[idx])
         losses = []
     else:
         learner = make_learner(bb, m, len(class_ids), seed)
+        regulator = None
+        if is_gram(m):
+            from gram.meta import load_meta
+
+            theta0, regs, mm = load_meta(meta_dir, learner)
+            if m.meta_init:
+                learner.load_state_dict({k: v.to(bb.device) for k, v in theta0.items()})
+            if m.meta_regulator:
+                regulator = regs.to(bb.device)
+            meta_info = {"recipe": mm["recipe"], "digest": mm["digest"], "init": m.meta_init,
+                         "regulator": m.meta_regulator}
         losses = tune(learner, preprocess(images[idx], bb.spec), torch.as_tensor(labels[idx]), names, m.steps,
-                      m.lr, m.batch_size, m.optimizer, seed=seed, progress=True)
+                      m.lr, m.batch_size, m.optimizer, seed=seed, progress=True, regulator=regulator)
         clf = Tuned(learner, dataset, class_ids, pc.batch_size)
-    info = {"subset_hash": digest, "n_train": int(len(idx)), "train_keys": sorted(keys[i] for i in idx),
+    info = {"meta": meta_info, "subset_hash": digest, "n_train": int(len(idx)), "train_keys": sorted(keys[i] for i in idx),
             "train": {"steps": len(losses), "loss_first": losses[0] if losses else None,
                       "loss_last": losses[-1] if losses else None, "time_s": round(time.time() - t0, 3)}}
     log.info("%s on %s (%d classes, %d shots each -> %d images, subset %s): %s", name, dataset, len(class_ids),
@@ -269,7 +314,7 @@ def restore(bb, m: MethodParams, name: str, path: str | Path, pc) -> tuple[objec
 
 def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed: int, data_dir: str | Path,
         backbone_dir: str | Path, out: str | Path, save: str | Path | None = None,
-        load_from: str | Path | None = None) -> dict:
+        load_from: str | Path | None = None, meta_dir: str | Path | None = None) -> dict:
     """One (protocol, dataset, method, shots, seed) run; writes the record to `out`."""
     from gram.backbone import load
     from gram.data import load_dataset
@@ -281,6 +326,12 @@ def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed
         raise KeyError(f"method {method!r} is not defined in {params.profile}.methods "
                        f"(defined: {', '.join(prof.methods) or 'none'})")
     pc, m = prof.protocols, prof.methods[method]
+    tunes = protocol in ("few-shot", "base-to-new")
+    if tunes and is_gram(m) and meta_dir is None:
+        raise ValueError(f"method {method!r} is a GRAM method (meta_init/meta_regulator): pass --meta, the "
+                         "meta-train output of its recipe in grid.gram")
+    if meta_dir is not None and not is_gram(m):
+        raise ValueError(f"--meta given, but method {method!r} uses neither meta_init nor meta_regulator")
     if not pc.domain:
         raise ValueError("protocols.domain is not set: the domain in which to tune and test")
     data_dir, t0 = Path(data_dir), time.time()
@@ -289,11 +340,11 @@ def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed
     exclude: set[str] = set()
     if protocol in ("few-shot", "base-to-new"):
         class_ids = list(range(len(ds["classes"]))) if protocol == "few-shot" else ds["base"]
-        clf, info = fit(bb, method, m, dataset, pc, shots, seed, data_dir, class_ids)
+        clf, info = fit(bb, method, m, dataset, pc, shots, seed, data_dir, class_ids, meta_dir)
         if save is not None:
             meta = {"method": method, "method_config": to_dict(m), "dataset": dataset, "domain": pc.domain,
                     "shots": shots, "seed": seed, "class_ids": class_ids, "subset_hash": info["subset_hash"],
-                    "train_keys": info["train_keys"]}
+                    "train_keys": info["train_keys"], "meta": info["meta"]}
             save_prompt(save, clf.theta() if m.kind == "linear-probe" else clf.learner.theta(), meta)
     else:
         if load_from is None:
@@ -303,12 +354,12 @@ def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed
             raise ValueError(f"{load_from}: prompt of {meta['dataset']} k={meta['shots']} seed {meta['seed']}, "
                              f"asked for {dataset} k={shots} seed {seed}")
         exclude = set(meta["train_keys"])
-        info = {"subset_hash": meta["subset_hash"], "n_train": len(meta["train_keys"]),
+        info = {"meta": meta.get("meta"), "subset_hash": meta["subset_hash"], "n_train": len(meta["train_keys"]),
                 "train_keys": meta["train_keys"], "train": None}
     scored = score_protocol(clf, protocol, dataset, data_dir, pc, exclude)
     record = {"protocol": protocol, "dataset": dataset, "domain": pc.domain, "method": method, "kind": m.kind,
               "shots": shots, "seed": seed, "subset_hash": info["subset_hash"], "n_train": info["n_train"],
-              **scored, "train": info["train"],
+              **scored, "train": info["train"], "meta": info["meta"],
               "config": {"method": to_dict(m), "protocols": to_dict(pc)},
               "wall_time_s": round(time.time() - t0, 3)}
     write_json(out, record)
@@ -331,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="the run's JSON record")
     p.add_argument("--save-prompt", default=None, help="few-shot/base-to-new: also write the tuned θ here")
     p.add_argument("--load-prompt", default=None, help="cross-dataset/domain-generalisation: the θ to score")
+    p.add_argument("--meta", default=None, help="GRAM methods: the meta-train output of the method's recipe "
+                                                "(grid.gram), e.g. models/emoji/meta/coop")
     args = p.parse_args(argv)
     params, prof = stage_setup(args)
     run(params, prof, args.protocol, args.dataset, args.method, args.shots, args.seed, args.data, args.backbone,
-        args.out, args.save_prompt, args.load_prompt)
+        args.out, args.save_prompt, args.load_prompt, args.meta)

@@ -4,7 +4,8 @@ Each tool builds the zero-shot table and the four protocol tables from scratch i
 the project (a smaller grid than the committed one, to stay fast); a second run has nothing to do;
 changing one backbone parameter reruns the backbone and what depends on it, never the download;
 changing one method's recipe reruns that method's runs and the report only; changing the task
-sampler reruns only the tasks stage; and both tools produce the same tables, hierarchy and tasks.
+sampler reruns only the tasks stage, the meta-training and the GRAM method's runs; and both tools
+produce the same tables, hierarchy, tasks and meta-learned θ and φ.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from test_pipeline_parity import copy_project, run
 
 pytestmark = pytest.mark.slow
 
-# 2 seeds (so std exists), 2 shot counts, three methods (text, joint text+visual, linear probe)
+# 2 seeds (so std exists), 2 shot counts, three plain methods (text, joint text+visual, linear probe)
+# and one GRAM method over one meta-training recipe
 GRID = {"methods": ["zeroshot", "zeroshot-ensemble"], "tuned": ["coop", "joint", "linear-probe"],
+        "meta": ["coop"], "gram": [{"method": "coop+gram", "meta": "coop"}],
         "datasets": ["subgroup16"], "shots": [1, 2], "seeds": [1, 2], "base_to_new_shots": 2,
         "transfer": {"dataset": "subgroup16", "shots": 2}}
-TUNED_JOBS = 3 * 2 * 2 + 3 * 2 + 2 * 3 * 2  # few-shot + base-to-new + transfer
+METHODS = GRID["tuned"] + [e["method"] for e in GRID["gram"]]
+TUNED_JOBS = 4 * 2 * 2 + 4 * 2 + 2 * 4 * 2  # few-shot + base-to-new + transfer
 TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
 
 
@@ -45,11 +49,12 @@ def bump_coop_lr(params: Path) -> None:
 
 
 def set_tiny_task_seed(params: Path, seed: int) -> None:
-    edit_tiny(params, r"(\n  tasks: \{.*seed: )[0-9]+\}", rf"\g<1>{seed}}}")
+    edit_tiny(params, r"(\n  tasks: \{.*seed: )[0-9]+,", rf"\g<1>{seed},")
 
 
 STRUCTURE = ["data/tiny/chc/hierarchy.safetensors", "data/tiny/chc/keys.txt", "data/tiny/tasks/tasks.safetensors",
-             "data/tiny/prototypes/prototypes.safetensors", "results/tiny/clustering.csv"]
+             "data/tiny/tasks/tasks-same-cluster.safetensors", "data/tiny/prototypes/prototypes.safetensors",
+             "results/tiny/clustering.csv", "models/tiny/meta/coop/meta.safetensors"]
 
 
 def jobs_snakemake_would_run(cwd: Path) -> set[str]:
@@ -90,11 +95,11 @@ def test_snakemake_builds_the_protocol_tables(snakemake_run):
     out = snakemake_run / "results/tiny"
     for name in TABLES:
         md = (out / f"{name}.md").read_text()
-        for m in GRID["methods"] + GRID["tuned"]:
+        for m in GRID["methods"] + METHODS:
             assert f"| {m} |" in md, (name, m)
     assert (out / "few_shot.png").stat().st_size > 0
     few = (out / "few_shot.csv").read_text().splitlines()
-    assert len(few) == 1 + 3 * 2 + 2  # header, tuned methods x shots, one row per zero-shot method
+    assert len(few) == 1 + 4 * 2 + 2  # header, tuned methods x shots, one row per zero-shot method
     b2n = (out / "base_to_new.md").read_text()
     assert re.search(r"\| linear-probe \| [0-9.]+ ± [0-9.]+ \| – \| – \|", b2n), b2n
     import json
@@ -112,9 +117,11 @@ def test_snakemake_builds_the_meta_training_structure(snakemake_run):
     assert all(f"| {m} |" in md for m in ("cross-modal", "image", "text")), md
 
 
-def test_snakemake_task_param_reruns_only_tasks(snakemake_run):
+def test_snakemake_task_param_reruns_only_tasks_and_gram(snakemake_run):
     set_tiny_task_seed(snakemake_run / "params.yaml", 5)
-    assert jobs_snakemake_would_run(snakemake_run) == {"tasks"}
+    assert jobs_snakemake_would_run(snakemake_run) == {"tasks", "meta", "few_shot", "base_to_new", "transfer",
+                                                       "report"}
+    assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop+gram"}
     set_tiny_task_seed(snakemake_run / "params.yaml", 0)
     assert "Nothing to be done" in run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
 
@@ -131,7 +138,7 @@ def test_snakemake_backbone_param_reruns_only_its_dependants(snakemake_run):
     bump_tiny_steps(snakemake_run / "params.yaml")
     assert jobs_snakemake_would_run(snakemake_run) == {"backbone", "evaluate", "few_shot", "base_to_new",
                                                        "transfer", "report", "embed", "cluster", "tasks",
-                                                       "prototypes"}
+                                                       "prototypes", "meta"}
 
 
 def test_dvc_builds_the_same_table(dvc_run, snakemake_run):
@@ -165,6 +172,6 @@ def test_dvc_backbone_param_reruns_only_its_dependants(dvc_run):
     out = run(["dvc", "repro"], dvc_run)
     ran = {s.split("@")[0] for s in re.findall(r"Running stage '([^']+)'", out)}
     assert ran == {"backbone", "evaluate", "few-shot", "base-to-new", "transfer", "report", "embed", "cluster",
-                   "tasks", "prototypes"}, out
+                   "tasks", "prototypes", "meta", "few-shot-gram", "base-to-new-gram", "transfer-gram"}, out
     assert "Stage 'download' didn't change, skipping" in out
     assert "pretrained 31 steps" in (dvc_run / "logs/tiny/backbone.log").read_text()

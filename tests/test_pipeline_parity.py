@@ -60,12 +60,21 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
     assert smk and smk == dvc
     stages = Counter(c.split()[1] for c in smk)
     g = yaml.safe_load((cwd / "params.yaml").read_text())["grid"]
-    few_shot = len(g["datasets"]) * len(g["tuned"]) * len(g["shots"]) * len(g["seeds"])
-    base_to_new = len(g["datasets"]) * len(g["tuned"]) * len(g["seeds"])
-    transfer = 2 * len(g["tuned"]) * len(g["seeds"])
+    tuned = len(g["tuned"]) + len(g["gram"])
+    assert g["gram"] and g["meta"], "the default grid runs GRAM methods"
+    few_shot = len(g["datasets"]) * tuned * len(g["shots"]) * len(g["seeds"])
+    base_to_new = len(g["datasets"]) * tuned * len(g["seeds"])
+    transfer = 2 * tuned * len(g["seeds"])
     assert stages == {"download": 1, "backbone": 1, "evaluate": len(g["methods"]),
                       "tune": few_shot + base_to_new + transfer, "report": 1, "embed": 1, "cluster": 1,
-                      "tasks": 1, "prototypes": 1}
+                      "tasks": 1, "prototypes": 1, "meta": len(g["meta"])}
+    # a GRAM method's tuning reads its recipe's meta-training output; a plain method's does not
+    recipe = {e["method"]: e["meta"] for e in g["gram"]}
+    for c in smk:
+        m = re.search(r"--protocol (few-shot|base-to-new) .*--method (\S+)", c)
+        if m:
+            want = f"--meta models/{profile}/meta/{recipe[m.group(2)]}" if m.group(2) in recipe else None
+            assert (want in c) if want else ("--meta" not in c), c
     protocols = Counter(re.search(r"--protocol (\S+)", c).group(1) for c in smk if c.split()[1] == "tune")
     assert protocols == {"few-shot": few_shot, "base-to-new": base_to_new,
                          "cross-dataset": transfer // 2, "domain-generalisation": transfer // 2}
@@ -79,9 +88,13 @@ def test_dvc_params_name_existing_sections():
     for profile in ("emoji", "tiny"):
         for name, st in stages.items():
             for key in st.get("params", []):
-                for method in params["grid"]["tuned"]:
+                g = params["grid"]
+                for method, recipe in [(m, r) for m in g["tuned"] for r in g["meta"]] + \
+                        [(e["method"], e["meta"]) for e in g["gram"]]:
                     node = params
-                    for part in key.replace("${profile}", profile).replace("${item.method}", method).split("."):
+                    key_ = key.replace("${profile}", profile).replace("${item.method}", method)
+                    key_ = key_.replace("${item.entry.method}", method).replace("${item.recipe}", recipe)
+                    for part in key_.split("."):
                         assert part in node, f"dvc.yaml stage {name}: params key {key} missing for {profile}"
                         node = node[part]
 

@@ -62,4 +62,5 @@ def encode_image_prompted(clip, pixel_values: torch.Tensor, prompts: torch.Tenso
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
+    """L2-normalised rows, in float32 (float64 stays float64, for gradient checks)."""
+    return F.normalize(x if x.dtype == torch.float64 else x.float(), dim=-1)

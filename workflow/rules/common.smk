@@ -7,7 +7,8 @@ PROFILE = PARAMS.profile
 
 wildcard_constraints:
     profile="|".join(gram.config.PROFILES),
-    method="[a-z0-9-]+",
+    method="[a-z0-9+-]+",
+    recipe="[a-z0-9-]+",
     dataset="[A-Za-z0-9_]+",
     shots="[0-9]+",
     seed="[0-9]+",
@@ -41,12 +42,42 @@ def method_params(wildcards):
     return config[wildcards.profile]["methods"][wildcards.method]
 
 
+def meta_params(wildcards):
+    """Input function: the meta-training recipe (as `params:`, a change reruns its job)."""
+    return config[wildcards.profile]["meta"][wildcards.recipe]
+
+
+def gram_meta(method):
+    """The meta recipe of a GRAM method (grid.gram), or None for a plain method."""
+    return {e["method"]: e["meta"] for e in config["grid"].get("gram", [])}.get(method)
+
+
+def meta_input(wildcards):
+    """Input function: the meta-train output a GRAM method's tuning reads (none for plain methods)."""
+    recipe = gram_meta(wildcards.method)
+    return [f"models/{wildcards.profile}/meta/{recipe}"] if recipe else []
+
+
+def meta_arg(wildcards):
+    """The `--meta DIR` argument of a GRAM method's tuning command (empty for plain methods)."""
+    recipe = gram_meta(wildcards.method)
+    return f" --meta models/{wildcards.profile}/meta/{recipe}" if recipe else ""
+
+
+def tuned_methods():
+    """Plain tuned methods, then the GRAM methods: every method with tuned runs."""
+    return list(config["grid"]["tuned"]) + [
+        e["method"] for e in config["grid"].get("gram", [])
+    ]
+
+
 def run_files(wildcards):
     """Every tuned run the grid asks for (the report's inputs)."""
     grid, prot = config["grid"], config[wildcards.profile]["protocols"]
     base = "results/{profile}/runs/{protocol}/{dataset}/{method}/k{shots}-s{seed}.json"
     out = []
-    if not grid["tuned"]:
+    methods = tuned_methods()
+    if not methods:
         return out
     for ds in grid["datasets"]:
         out += expand(
@@ -54,7 +85,7 @@ def run_files(wildcards):
             profile=wildcards.profile,
             protocol="few-shot",
             dataset=ds,
-            method=grid["tuned"],
+            method=methods,
             shots=grid["shots"],
             seed=grid["seeds"],
         )
@@ -63,7 +94,7 @@ def run_files(wildcards):
             profile=wildcards.profile,
             protocol="base-to-new",
             dataset=ds,
-            method=grid["tuned"],
+            method=methods,
             shots=grid["base_to_new_shots"],
             seed=grid["seeds"],
         )
@@ -77,7 +108,7 @@ def run_files(wildcards):
                 profile=wildcards.profile,
                 protocol=protocol,
                 dataset=grid["transfer"]["dataset"],
-                method=grid["tuned"],
+                method=methods,
                 shots=grid["transfer"]["shots"],
                 seed=grid["seeds"],
             )
@@ -99,4 +130,5 @@ def report_targets():
     out = [f"results/{PROFILE}/zero_shot.{ext}" for ext in ("md", "csv", "json", "png")]
     out += [f"results/{PROFILE}/{name}.md" for name in PROTOCOL_TABLES]
     out += [f"results/{PROFILE}/clustering.{ext}" for ext in ("md", "csv", "png")]
+    out += [f"models/{PROFILE}/meta/{r}" for r in config["grid"].get("meta", [])]
     return out + [f"data/{PROFILE}/tasks", f"data/{PROFILE}/prototypes"]

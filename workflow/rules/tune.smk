@@ -1,14 +1,25 @@
 # Tuned methods under the four protocols: one job per (protocol, dataset, method, shots, seed).
+# GRAM methods (grid.gram) also read the meta-train output of their recipe (`--meta`).
 # Few-shot jobs also keep the tuned prompt; cross-dataset and domain-generalisation jobs score the
 # prompt of grid.transfer without tuning.
 
 
 rule few_shot:
     input:
-        sources("tune.py", "evaluate.py", "prompts", "backbone.py", "data", "io.py"),
+        sources(
+            "tune.py",
+            "evaluate.py",
+            "prompts",
+            "backbone.py",
+            "data",
+            "io.py",
+            "meta.py",
+            "regulator.py",
+        ),
         datasets="data/{profile}/datasets",
         shards="data/{profile}/shards",
         backbone="models/{profile}/backbone",
+        meta=meta_input,
     output:
         run="results/{profile}/runs/few-shot/{dataset}/{method}/k{shots}-s{seed}.json",
         prompt="models/{profile}/prompts/{dataset}/{method}/k{shots}-s{seed}.safetensors",
@@ -21,16 +32,27 @@ rule few_shot:
         protocols=section("protocols"),
         device=section("backbone", "device"),
         dtype=section("backbone", "dtype"),
+        meta=meta_arg,
     shell:
-        "gram tune --params params.yaml --profile {wildcards.profile} --protocol few-shot --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output.run} --save-prompt {output.prompt} --log {log}"
+        "gram tune --params params.yaml --profile {wildcards.profile} --protocol few-shot --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output.run} --save-prompt {output.prompt}{params.meta} --log {log}"
 
 
 rule base_to_new:
     input:
-        sources("tune.py", "evaluate.py", "prompts", "backbone.py", "data", "io.py"),
+        sources(
+            "tune.py",
+            "evaluate.py",
+            "prompts",
+            "backbone.py",
+            "data",
+            "io.py",
+            "meta.py",
+            "regulator.py",
+        ),
         datasets="data/{profile}/datasets",
         shards="data/{profile}/shards",
         backbone="models/{profile}/backbone",
+        meta=meta_input,
     output:
         "results/{profile}/runs/base-to-new/{dataset}/{method}/k{shots}-s{seed}.json",
     log:
@@ -42,13 +64,23 @@ rule base_to_new:
         protocols=section("protocols"),
         device=section("backbone", "device"),
         dtype=section("backbone", "dtype"),
+        meta=meta_arg,
     shell:
-        "gram tune --params params.yaml --profile {wildcards.profile} --protocol base-to-new --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output} --log {log}"
+        "gram tune --params params.yaml --profile {wildcards.profile} --protocol base-to-new --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output}{params.meta} --log {log}"
 
 
 rule transfer:
     input:
-        sources("tune.py", "evaluate.py", "prompts", "backbone.py", "data", "io.py"),
+        sources(
+            "tune.py",
+            "evaluate.py",
+            "prompts",
+            "backbone.py",
+            "data",
+            "io.py",
+            "meta.py",
+            "regulator.py",
+        ),
         datasets="data/{profile}/datasets",
         shards="data/{profile}/shards",
         backbone="models/{profile}/backbone",
@@ -68,3 +100,37 @@ rule transfer:
         dtype=section("backbone", "dtype"),
     shell:
         "gram tune --params params.yaml --profile {wildcards.profile} --protocol {wildcards.protocol} --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output} --load-prompt {input.prompt} --log {log}"
+
+
+rule meta:
+    input:
+        sources(
+            "meta.py",
+            "regulator.py",
+            "tune.py",
+            "evaluate.py",
+            "prompts",
+            "tasks.py",
+            "cluster.py",
+            "embed.py",
+            "backbone.py",
+            "data",
+            "io.py",
+            "tensorio.py",
+        ),
+        shards="data/{profile}/shards",
+        chc="data/{profile}/chc",
+        tasks="data/{profile}/tasks",
+        backbone="models/{profile}/backbone",
+    output:
+        directory("models/{profile}/meta/{recipe}"),
+    log:
+        "logs/{profile}/meta-{recipe}.log",
+    conda:
+        "../envs/gram.yaml"
+    params:
+        recipe=meta_params,
+        device=section("backbone", "device"),
+        dtype=section("backbone", "dtype"),
+    shell:
+        "gram meta --params params.yaml --profile {wildcards.profile} --recipe {wildcards.recipe} --data data/{wildcards.profile} --chc data/{wildcards.profile}/chc --tasks data/{wildcards.profile}/tasks --backbone models/{wildcards.profile}/backbone --out {output} --log {log}"
