@@ -27,7 +27,7 @@ output and resumed when the parameters and inputs are the same; the task order i
 
 `gram meta --recipe NAME --data D --chc C --tasks T --backbone B --out models/<p>/meta/NAME` writes
   meta.safetensors  `theta.<name>` (the initialisation) and `phi.<name>` (ψ's parameters); metadata:
-                    the recipe, the prompt, the regulator and the input digests.
+                    the recipe with its prompt and regulator, the context width.
   meta.json         the history (losses and gate per step) and the meta-validation: the mean query
                     loss over held-out tasks before and after meta-training, unadapted and after one
                     regulated inner step.
@@ -464,7 +464,8 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
             "validation": {"tasks": n_val, "before": before, "after": after},
             "train_time_s": round(train_s, 2), "time_s": round(time.time() - t0, 2)}
     with atomic_dir(out) as tmp:
-        save_meta(tmp / META, ml, {k: info[k] for k in ("recipe", "config", "context_dim", "kind", "digest")})
+        # no digest or wall times in the tensor file: the same run gives the same metadata with any tool
+        save_meta(tmp / META, ml, {k: info[k] for k in ("recipe", "config", "context_dim", "kind")})
         write_json(tmp / "meta.json", {**info, "history": history})
         _plot(history, tmp / "meta.png", f"meta-training {recipe} ({cfg.prompt.kind})")
     if ckpt.exists():

@@ -16,6 +16,7 @@ cluster stage's output), also:
                      the main mode against its single-modality ablations
     clustering.csv   one row per (mode, truth, level)
     clustering.png   NMI against the number of clusters, one line per mode, one panel per truth
+    meta_training.md/.png  (with --meta) GRAM meta-training: held-out query loss before/after, gate, time
 """
 
 from __future__ import annotations
@@ -257,8 +258,48 @@ def clustering(chc_dir: str | Path, out: str | Path, profile: str) -> None:
     plt.close(fig)
 
 
+def meta_training(meta_dir: str | Path, recipes: list[str], out: str | Path, profile: str) -> None:
+    """meta_training.md/.png from the meta stage's outputs `<meta_dir>/<recipe>/meta.json`."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    md = [f"# GRAM meta-training ({profile})", "",
+          "Held-out query loss (text-as-class, mean over the same held-out tasks before and after meta-training): "
+          "at θ unadapted, and at θ' after the regulated inner step(s). Gate: the mean mix gate c at the end "
+          "(1 = raw gradient). Written by `gram report` from `models/<profile>/meta/<recipe>/meta.json` (which "
+          "also has the wall times).", "",
+          "| recipe | prompt | tasks | steps | query loss before → after | adapted before → after | gate |",
+          "|---|---|---|---:|---|---|---:|"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for r in recipes:
+        info = read_json(Path(meta_dir) / r / "meta.json")
+        v, hist = info["validation"], info["history"]
+        gate = hist[-1]["gate"]
+        md.append(f"| {r} | {info['kind']} | {info['tasks']['file'].removesuffix('.safetensors')} | {info['steps']} | "
+                  f"{v['before']['query_loss']:.3f} → {v['after']['query_loss']:.3f} | "
+                  f"{v['before']['query_loss_adapted']:.3f} → {v['after']['query_loss_adapted']:.3f} | "
+                  f"{'–' if gate is None else f'{gate:.2f}'} |")
+        y = np.array([h["query_loss"] for h in hist])
+        w = max(1, len(y) // 25)
+        ax.plot(np.arange(w, len(y) + 1), np.convolve(y, np.ones(w) / w, mode="valid"), label=r)
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("query loss at θ' (running mean)")
+    ax.set_title(f"GRAM meta-training ({profile})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_text(out / "meta_training.md", "\n".join(md) + "\n")
+    with atomic_path(out / "meta_training.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | Path | None, out: str | Path,
-        runs_dir: str | Path | None = None, chc_dir: str | Path | None = None) -> str:
+        runs_dir: str | Path | None = None, chc_dir: str | Path | None = None,
+        meta_dir: str | Path | None = None) -> str:
     prof = params.active(profile)
     eval_dir, out = Path(eval_dir), Path(out)
     methods, datasets, domains = list(params.grid.methods), list(prof.evaluate.datasets), list(prof.evaluate.domains)
@@ -282,6 +323,8 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
         tables.run(params.grid, prof, eval_dir, runs_dir, out)
     if chc_dir is not None:
         clustering(chc_dir, out, profile)
+    if meta_dir is not None:
+        meta_training(meta_dir, list(params.grid.meta), out, profile)
     return md
 
 
@@ -295,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
                                                 "protocol tables (gram.tables)")
     p.add_argument("--chc", default=None, help="cluster stage output, e.g. data/emoji/chc: also write the "
                                                "clustering tables")
+    p.add_argument("--meta", default=None, help="meta stage outputs, e.g. models/emoji/meta: also write the "
+                                                "meta-training table of grid.meta's recipes")
     p.add_argument("--out", required=True, help="directory of the tables, e.g. results/emoji")
     args = p.parse_args(argv)
     params, _ = stage_setup(args)
-    run(params, args.profile or params.profile, args.eval, args.backbone, args.out, args.runs, args.chc)
+    run(params, args.profile or params.profile, args.eval, args.backbone, args.out, args.runs, args.chc, args.meta)

@@ -282,12 +282,15 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
                 learner.load_state_dict({k: v.to(bb.device) for k, v in theta0.items()})
             if m.meta_regulator:
                 regulator = regs.to(bb.device)
-            meta_info = {"recipe": mm["recipe"], "digest": mm["digest"], "init": m.meta_init,
-                         "regulator": m.meta_regulator}
+            from gram.embed import file_sha256
+
+            meta_info = {"recipe": mm["recipe"], "sha256": file_sha256(Path(meta_dir) / "meta.safetensors"),
+                         "init": m.meta_init, "regulator": m.meta_regulator}
         losses = tune(learner, preprocess(images[idx], bb.spec), torch.as_tensor(labels[idx]), names, m.steps,
                       m.lr, m.batch_size, m.optimizer, seed=seed, progress=True, regulator=regulator)
         clf = Tuned(learner, dataset, class_ids, pc.batch_size)
-    info = {"meta": meta_info, "subset_hash": digest, "n_train": int(len(idx)), "train_keys": sorted(keys[i] for i in idx),
+    info = {"meta": meta_info, "subset_hash": digest, "n_train": int(len(idx)),
+            "train_keys": sorted(keys[i] for i in idx),
             "train": {"steps": len(losses), "loss_first": losses[0] if losses else None,
                       "loss_last": losses[-1] if losses else None, "time_s": round(time.time() - t0, 3)}}
     log.info("%s on %s (%d classes, %d shots each -> %d images, subset %s): %s", name, dataset, len(class_ids),

@@ -123,6 +123,15 @@ def eval_dirs(wildcards):
     )
 
 
+def meta_dirs(wildcards):
+    """The meta-training outputs of grid.meta (the report's meta-training table)."""
+    return expand(
+        "models/{profile}/meta/{recipe}",
+        profile=wildcards.profile,
+        recipe=config["grid"].get("meta", []),
+    )
+
+
 PROTOCOL_TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
 
 
@@ -130,5 +139,6 @@ def report_targets():
     out = [f"results/{PROFILE}/zero_shot.{ext}" for ext in ("md", "csv", "json", "png")]
     out += [f"results/{PROFILE}/{name}.md" for name in PROTOCOL_TABLES]
     out += [f"results/{PROFILE}/clustering.{ext}" for ext in ("md", "csv", "png")]
+    out += [f"results/{PROFILE}/meta_training.{ext}" for ext in ("md", "png")]
     out += [f"models/{PROFILE}/meta/{r}" for r in config["grid"].get("meta", [])]
     return out + [f"data/{PROFILE}/tasks", f"data/{PROFILE}/prototypes"]

@@ -5,6 +5,7 @@ rule report:
         runs=run_files,
         backbone="models/{profile}/backbone",
         chc="data/{profile}/chc",
+        meta=meta_dirs,
     output:
         md="results/{profile}/zero_shot.md",
         csv="results/{profile}/zero_shot.csv",
@@ -18,6 +19,7 @@ rule report:
         protocols="results/{profile}/protocols.json",
         runs="results/{profile}/runs.csv",
         clustering=multiext("results/{profile}/clustering", ".md", ".csv", ".png"),
+        meta=multiext("results/{profile}/meta_training", ".md", ".png"),
     log:
         "logs/{profile}/report.log",
     conda:
@@ -28,4 +30,4 @@ rule report:
         vendors=section("data", "vendors"),
         protocols=section("protocols"),
     shell:
-        "gram report --params params.yaml --profile {wildcards.profile} --eval results/{wildcards.profile}/eval --runs results/{wildcards.profile}/runs --backbone models/{wildcards.profile}/backbone --chc data/{wildcards.profile}/chc --out results/{wildcards.profile} --log {log}"
+        "gram report --params params.yaml --profile {wildcards.profile} --eval results/{wildcards.profile}/eval --runs results/{wildcards.profile}/runs --backbone models/{wildcards.profile}/backbone --chc data/{wildcards.profile}/chc --meta models/{wildcards.profile}/meta --out results/{wildcards.profile} --log {log}"
