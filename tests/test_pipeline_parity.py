@@ -36,7 +36,7 @@ def copy_project(dest: Path, profile: str, grid: dict | None = None) -> Path:
     return dest
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600) -> str:
+def run(cmd: list[str], cwd: Path, timeout: int = 1800) -> str:
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
