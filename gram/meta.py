@@ -38,8 +38,6 @@ Downstream (`gram tune` with a method of `grid.gram`): `load_meta` gives θ and 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from contextlib import nullcontext
