@@ -38,6 +38,7 @@ Downstream (`gram tune` with a method of `grid.gram`): `load_meta` gives θ and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import nullcontext
@@ -250,8 +251,14 @@ def task_batch(n_tasks: int, per_step: int, step: int, seed: int) -> np.ndarray:
     out = []
     for i in range(step * per_step, (step + 1) * per_step):
         epoch, pos = divmod(i, n_tasks)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(n_tasks)[pos]))
+        out.append(int(_epoch_order(n_tasks, seed, epoch)[pos]))
     return np.array(out, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_tasks: int, seed: int, epoch: int) -> np.ndarray:
+    """The task permutation of one epoch (cached: every step of the epoch reads it)."""
+    return np.random.default_rng([seed, epoch]).permutation(n_tasks)
 
 
 def _opt_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
