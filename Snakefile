@@ -18,6 +18,7 @@ include: "workflow/rules/backbone.smk"
 include: "workflow/rules/structure.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tune.smk"
+include: "workflow/rules/tpt.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -14,7 +14,7 @@ import time
 from gram import config as C
 from gram.io import setup_logging
 
-# stage name -> module whose `main(argv)` runs it; a literal table, no registry
+# stage name -> module whose `main(argv)` runs it (or "module:function"); a literal table, no registry
 STAGES = {
     "download": ("gram.data", "fetch the data of a profile: corpus shards and classification datasets"),
     "backbone": ("gram.backbone", "load a CLIP (hub id or directory) or pretrain a small one"),
@@ -25,7 +25,9 @@ STAGES = {
     "meta": ("gram.meta", "meta-train a prompt initialisation θ and gradient regulator ψ_φ (GRAM)"),
     "evaluate": ("gram.evaluate", "score a zero-shot method on every dataset, domain and protocol"),
     "tune": ("gram.tune", "tune one method for one (protocol, dataset, shots, seed) and score it"),
+    "tpt": ("gram.tpt", "test-time prompt tuning (TPT, GRAM's structure-induced regulator) of one method and seed"),
     "report": ("gram.report", "render the result tables and plots"),
+    "tpt-report": ("gram.report:main_tpt", "render the test-time table of grid.tpt"),
     "schema": ("gram.schema", "write the JSON schema of params.yaml (for Snakemake)"),
 }
 
@@ -57,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in STAGES:
         print(f"gram: unknown stage {argv[0]!r} (one of {', '.join(STAGES)})", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[argv[0]][0])
+    target, _, func = STAGES[argv[0]][0].partition(":")  # "module" (its main) or "module:function"
+    entry = getattr(importlib.import_module(target), func or "main")
     t0 = time.time()
     try:
-        module.main(argv[1:])
+        entry(argv[1:])
     except (C.ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
         # expected failures (bad params, missing inputs, a missing tool) get one clear line;
         # with -v/--verbose the traceback too

@@ -280,6 +280,17 @@ class RegulatorParams:
     context: bool = _f(True, help="mix: the gate reads the task context h (mean support image feature); "
                                   "false: a learned scalar gate")
     init: float = _f(0.95, help="starting gate value (ψ starts close to the identity)", min=0.0, max=1.0)
+    gate_context: bool = _f(False, help="gate: the gate also reads the context h (a linear map of h, zero at the "
+                                        "start, added to its hidden layer)")
+
+
+@dataclass(frozen=True)
+class StructureParams:
+    levels: list[int] = _f(factory=lambda: [0, 1], help="hierarchy levels whose prototypes the relation uses "
+                                                        "(0 = finest)")
+    tau: float = _f(0.05, help="softmax temperature of the relation w = softmax(cos(f, P) / tau)", min=1.0e-6)
+    modality: Literal["image", "text", "fused"] = _f("image", help="which prototypes (the test side has images)")
+    sub: bool = _f(False, help="relate to the complexity-informed sub-prototypes instead of one per cluster")
 
 
 @dataclass(frozen=True)
@@ -301,10 +312,46 @@ class MetaParams:
     reg_lambda: float = _f(0.0, help="weight of the sibling's meta-regulariser (c - sim/2 - cos(g_Q, ψ(g_S))/2)^2 "
                                      "(form mix only)", min=0.0)
     symmetric: bool = _f(False, help="text-as-class loss in both directions (image->text and text->image)")
+    context: Literal["support", "structure"] = _f(
+        "support", help="task context h of ψ: the mean frozen support image feature, or its relation to the "
+                        "prototypes (`structure`, the test-time regulator's context; needs the prototypes stage)")
+    structure: StructureParams = _f(factory=StructureParams, help="the prototype relation of context: structure")
     grad_clip: float = _f(1.0, help="norm clip of the outer gradient of θ and of φ (0: off)", min=0.0)
     autocast: Literal["auto", "bf16", "off"] = _f("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
     checkpoint_every: int = _f(100, help="write a resumable checkpoint every N outer steps (0: never)", min=0)
     seed: int = _f(0, help="seed of the random prompt init and the task order", min=0)
+
+
+@dataclass(frozen=True)
+class TptMethodParams:
+    prompt: MethodParams = _f(factory=MethodParams, help="the text prompt tuned per test image (kind coop, shared "
+                                                          "context; init, n_ctx are read)")
+    init: Literal["words", "tuned", "meta"] = _f(
+        "words", help="θ before each image: the words of prompt.init; a few-shot-tuned prompt (grid.tpt.tuned); "
+                      "or GRAM's meta-learned θ (grid.tpt.gram)")
+    regulator: Literal["none", "plain", "structure"] = _f(
+        "none", help="ψ_φ on the test-time gradient: none; plain (h = mean feature of the kept views); structure "
+                     "(h = their relation to the meta-training prototypes)")
+
+
+@dataclass(frozen=True)
+class TptParams:
+    domains: list[str] = _f(factory=list, help="domains whose split is tuned on, image by image, and scored")
+    split: Literal["val", "test"] = _f("test", help="the scored split")
+    views: int = _f(64, help="views per test image: the image itself and views - 1 augmented ones", min=1)
+    keep: float = _f(0.1, help="fraction of views with the lowest prediction entropy that the loss uses "
+                               "(chosen once, at the first step)", min=0.0, max=1.0)
+    steps: int = _f(1, help="AdamW steps per test image (0: no tuning, the initial prompt's prediction)", min=0)
+    lr: float = _f(5.0e-3, help="AdamW learning rate", min=0.0)
+    weight_decay: float = _f(0.01, help="AdamW weight decay (torch's default)", min=0.0)
+    augment: Literal["crop-flip", "augmix"] = _f("crop-flip", help="views of the datasets not in `augmix`: random "
+                                                                    "resized crops and flips")
+    augmix: list[str] = _f(factory=list, help="datasets whose views are AugMix-style (fine-grained sets, as TPT does)")
+    crop_scale: list[float] = _f(factory=lambda: [0.08, 1.0], help="area range of the random resized crops")
+    batch_size: int = _f(32, help="test images tuned together, each with its own prompt copy", min=1)
+    max_prompts: int = _f(8192, help="bound on images x classes per text-encoder call (memory)", min=1)
+    structure: StructureParams = _f(factory=StructureParams, help="prototype relation of the structure regulator")
+    methods: dict[str, TptMethodParams] = _f(factory=dict, help="test-time methods by name (grid.tpt runs them)")
 
 
 @dataclass(frozen=True)
@@ -320,6 +367,7 @@ class ProfileParams:
     tasks: TaskParams = _f(factory=TaskParams, help="tasks stage: complexity-informed meta-tasks")
     prototypes: PrototypeParams = _f(factory=PrototypeParams, help="prototypes stage: multi-level prototypes")
     meta: dict[str, MetaParams] = _f(factory=dict, help="meta-training recipes by name (grid.meta picks the run ones)")
+    tpt: TptParams = _f(factory=lambda: TptParams(), help="test-time prompt tuning (gram/tpt.py)")
 
 
 @dataclass(frozen=True)
@@ -332,6 +380,27 @@ class TransferParams:
 class GramEntry:
     method: str = _f("", help="a GRAM method (a key of <profile>.methods with meta_init or meta_regulator)")
     meta: str = _f("", help="the meta-training recipe whose θ and ψ_φ it uses (a key of <profile>.meta)")
+
+
+@dataclass(frozen=True)
+class TptTuned:
+    method: str = _f("", help="a test-time method with init: tuned (a key of <profile>.tpt.methods)")
+    prompt: str = _f("", help="the tuned method whose few-shot prompt of grid.transfer (same seed) it starts from")
+
+
+@dataclass(frozen=True)
+class TptGram:
+    method: str = _f("", help="a test-time method with init: meta or a regulator (a key of <profile>.tpt.methods)")
+    meta: str = _f("", help="the meta-training recipe whose θ and ψ_φ it uses (a key of <profile>.meta)")
+
+
+@dataclass(frozen=True)
+class TptGrid:
+    datasets: list[str] = _f(factory=list, help="datasets tuned on at test time (all their classes)")
+    words: list[str] = _f(factory=list, help="test-time methods that start from words, without ψ: one job per "
+                                             "(dataset, method, seed)")
+    tuned: list[TptTuned] = _f(factory=list, help="test-time methods that start from a few-shot-tuned prompt")
+    gram: list[TptGram] = _f(factory=list, help="test-time methods that read a meta-training output")
 
 
 @dataclass(frozen=True)
@@ -349,6 +418,7 @@ class GridParams:
     base_to_new_shots: int = _f(16, help="shots per base class in base-to-new", min=1)
     transfer: TransferParams = _f(factory=TransferParams, help="source of cross-dataset and domain "
                                                                "generalisation")
+    tpt: TptGrid = _f(factory=TptGrid, help="test-time tuning runs (gram tpt), seeds from `seeds`")
 
 
 @dataclass(frozen=True)
@@ -532,10 +602,36 @@ def _check(obj: Any, prefix: str, where: str) -> None:
         if obj.reg_lambda > 0 and obj.regulator.form != "mix":
             raise err(f"reg_lambda > 0 needs regulator.form: mix (it regularises the mix gate), got "
                       f"{obj.regulator.form!r}")
+    if isinstance(obj, RegulatorParams) and obj.gate_context and obj.form != "gate":
+        raise err("gate_context applies to form: gate (the mix gate reads h through `context`)")
+    if isinstance(obj, StructureParams) and (not obj.levels or min(obj.levels) < 0):
+        raise err(f"levels must be a non-empty list of levels >= 0; got {obj.levels}")
+    if isinstance(obj, MetaParams) and obj.context == "structure" and not reads_context(obj.regulator):
+        raise err("context: structure needs a regulator that reads h (form: mix with context: true, or form: "
+                  "gate with gate_context: true)")
+    if isinstance(obj, TptMethodParams) and (obj.prompt.kind != "coop" or obj.prompt.class_specific):
+        raise err("test-time tuning tunes a shared text context: prompt.kind must be coop, not class-specific")
+    if isinstance(obj, TptParams):
+        if len(obj.crop_scale) != 2 or not 0 < obj.crop_scale[0] <= obj.crop_scale[1] <= 1:
+            raise err(f"crop_scale must be [low, high] with 0 < low <= high <= 1; got {obj.crop_scale}")
+        if obj.keep * obj.views < 1:
+            raise err(f"keep = {obj.keep} of views = {obj.views} keeps no view (keep * views must be >= 1)")
     if isinstance(obj, ProfileParams):
         for name, m in obj.meta.items():
             if m.tasks != "default" and m.tasks not in obj.tasks.variants:
                 raise err(f"meta.{name}.tasks = {m.tasks!r} needs {m.tasks!r} in tasks.variants")
+        n_levels = len(obj.cluster.levels) + 1
+        for key, st in [(f"meta.{n}.structure", m.structure) for n, m in obj.meta.items() if m.context == "structure"] \
+                + [("tpt.structure", obj.tpt.structure)]:
+            if max(st.levels) >= n_levels:
+                raise err(f"{key}.levels = {st.levels}, but the hierarchy has levels 0..{n_levels - 1}")
+        unknown = sorted(set(obj.tpt.augmix) - set(obj.data.datasets))
+        if unknown:
+            raise err(f"tpt.augmix names {unknown}, which data.datasets does not define")
+        if obj.data.source == "npm":
+            extra = sorted(set(obj.tpt.domains) - set(obj.data.npm.images))
+            if extra:
+                raise err(f"tpt.domains names {extra}, which data.npm.images does not define")
     if isinstance(obj, Params):
         check_grid(obj, obj.profile, where)
 
@@ -592,6 +688,63 @@ def check_grid(params: Params, profile: str, where: str) -> None:
         if g.transfer.shots not in g.shots:
             raise ConfigError(f"{where}: `grid.transfer.shots` = {g.transfer.shots} is not in grid.shots {g.shots} "
                               "(its few-shot prompts are what transfers)")
+    check_tpt_grid(params, profile, where)
+
+
+def reads_context(r: RegulatorParams) -> bool:
+    """Whether ψ built from `r` depends on the context h."""
+    return (r.form == "mix" and r.context) or (r.form == "gate" and r.gate_context)
+
+
+def check_tpt_grid(params: Params, profile: str, where: str) -> None:
+    """grid.tpt must name test-time methods whose init and regulator fit the list they are in."""
+    prof, g, t = params.active(profile), params.grid, params.grid.tpt
+    methods = prof.tpt.methods
+
+    def err(msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {msg}")
+
+    extra = [d for d in t.datasets if d not in prof.data.datasets]
+    if extra:
+        raise err(f"`grid.tpt.datasets` names {extra}, which `{profile}.data.datasets` does not define")
+    names = list(t.words) + [e.method for e in t.tuned] + [e.method for e in t.gram]
+    for name in names:
+        if name not in methods:
+            raise err(f"`grid.tpt` names {name!r}, which `{profile}.tpt.methods` does not define")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise err(f"`grid.tpt` lists {dup} more than once")
+    for name in t.words:
+        m = methods[name]
+        if m.init != "words" or m.regulator != "none":
+            raise err(f"`grid.tpt.words` names {name!r}, whose init is {m.init!r} and regulator {m.regulator!r}: "
+                      "list it in grid.tpt.tuned (init: tuned) or grid.tpt.gram (init: meta or a regulator)")
+    for i, e in enumerate(t.tuned):
+        m, key = methods[e.method], f"grid.tpt.tuned[{i}]"
+        if m.init != "tuned" or m.regulator != "none":
+            raise err(f"`{key}.method` = {e.method!r} must have init: tuned and regulator: none")
+        if e.prompt not in g.tuned:
+            raise err(f"`{key}.prompt` = {e.prompt!r} is not in grid.tuned {g.tuned} (its few-shot prompt is the init)")
+        src = prof.methods[e.prompt]
+        diff = [f for f in prompt_shape(m.prompt) if getattr(m.prompt, f) != getattr(src, f)]
+        if src.class_specific or diff:
+            raise err(f"`{key}`: the prompt of {e.prompt!r} does not fit test-time method {e.method!r} "
+                      f"({'class-specific' if src.class_specific else 'differs in ' + str(diff)})")
+        if g.transfer.dataset not in g.datasets:
+            raise err(f"`{key}` starts from the few-shot prompts of grid.transfer, which grid.datasets lacks")
+    for i, e in enumerate(t.gram):
+        m, key = methods[e.method], f"grid.tpt.gram[{i}]"
+        if m.init == "tuned" or (m.init == "words" and m.regulator == "none"):
+            raise err(f"`{key}.method` = {e.method!r} reads no meta-training output (init: meta or a regulator)")
+        if e.meta not in g.meta:
+            raise err(f"`{key}.meta` = {e.meta!r} is not in grid.meta {g.meta} (it must be meta-trained)")
+        r = prof.meta[e.meta]
+        diff = [f for f in prompt_shape(m.prompt) if getattr(m.prompt, f) != getattr(r.prompt, f)]
+        if diff:
+            raise err(f"`{key}`: method {e.method!r} and the prompt of `{profile}.meta.{e.meta}` differ in {diff}")
+        if m.regulator == "structure" and not reads_context(r.regulator):
+            raise err(f"`{key}`: regulator: structure needs a ψ that reads h, but `{profile}.meta.{e.meta}.regulator` "
+                      "does not (form: mix with context, or gate with gate_context)")
 
 
 def read_yaml(path: str | Path) -> dict:

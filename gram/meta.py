@@ -141,16 +141,22 @@ def attention_for(second_order: bool):
 
 def make_regulators(theta: dict[str, torch.Tensor], cfg, context_dim: int) -> Regulators:
     """ψ_φ for every θ tensor, as `cfg` (RegulatorParams) says; φ in float32."""
+    from gram.config import reads_context
+
     r = cfg
     return Regulators(theta, form=r.form, rank=r.rank, hidden=r.hidden, init=r.init,
-                      context_dim=context_dim if (r.form == "mix" and r.context) else None)
+                      context_dim=context_dim if reads_context(r) else None,
+                      gate_context=r.form == "gate" and r.gate_context)
 
 
 class MetaLearner:
     """θ (the learner's parameters) and φ (the regulators'), with the text-as-class task loss."""
 
-    def __init__(self, learner, regs: Regulators, cfg: MetaParams, corpus: Corpus):
+    def __init__(self, learner, regs: Regulators, cfg: MetaParams, corpus: Corpus, structure=None):
+        if cfg.context == "structure" and structure is None:
+            raise ValueError("context: structure needs the prototypes (a gram.regulator.StructureContext)")
         self.learner, self.regs, self.cfg, self.corpus = learner, regs, cfg, corpus
+        self.structure = structure.to(learner.backbone.device) if cfg.context == "structure" else None
         self.device = learner.backbone.device
         self.theta = dict(learner.named_parameters())
         self.phi = dict(regs.named_parameters())
@@ -176,8 +182,9 @@ class MetaLearner:
         return loss
 
     def context(self, rows: np.ndarray) -> torch.Tensor:
-        """h: the mean frozen image feature of a set."""
-        return self.frozen[torch.as_tensor(rows, dtype=torch.long, device=self.device)].mean(0)
+        """h: the mean frozen image feature of a set, or (context: structure) its relation to the prototypes."""
+        h = self.frozen[torch.as_tensor(rows, dtype=torch.long, device=self.device)].mean(0)
+        return h if self.structure is None else self.structure(h)
 
     def adapt(self, theta, phi, support: np.ndarray, steps: int | None = None, lr: float | None = None):
         """θ' after the regulated inner steps on `support`; returns (θ', support loss at θ, ψ(g_S) of step 1)."""
@@ -386,6 +393,22 @@ def load_meta(meta_dir: str | Path, learner=None) -> tuple[dict[str, torch.Tenso
     return theta, regs, meta
 
 
+def load_structure(prototypes_dir: str | Path | None, cfg, who: str):
+    """The `StructureContext` of StructureParams `cfg` over the prototypes stage's output, and its SHA-256."""
+    from gram.embed import file_sha256
+    from gram.prototypes import PROTOTYPES
+    from gram.regulator import StructureContext
+    from gram.tensorio import load_tensors
+
+    if prototypes_dir is None:
+        raise ValueError(f"{who} relates samples to the prototypes: pass --prototypes (e.g. data/emoji/prototypes)")
+    path = Path(prototypes_dir) / PROTOTYPES
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (did the prototypes stage run?)")
+    tensors, _ = load_tensors(path)
+    return StructureContext(tensors, cfg.levels, cfg.tau, cfg.modality, cfg.sub), file_sha256(path)
+
+
 def _plot(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -412,8 +435,10 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
 
 
 def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir: str | Path,
-        backbone_dir: str | Path, out: str | Path, progress: bool = True) -> dict:
-    """Meta-train recipe `<profile>.meta.<recipe>`; writes `out` (meta.safetensors, meta.json, meta.png)."""
+        backbone_dir: str | Path, out: str | Path, progress: bool = True,
+        prototypes_dir: str | Path | None = None) -> dict:
+    """Meta-train recipe `<profile>.meta.<recipe>`; writes `out` (meta.safetensors, meta.json, meta.png).
+    `prototypes_dir` (the prototypes stage's output) is read by recipes with context: structure."""
     from gram.backbone import load
     from gram.cluster import KEYS
     from gram.embed import backbone_fingerprint, file_sha256
@@ -447,12 +472,16 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     corpus = load_corpus(bb, data_dir, keys, rows)
     log.info("corpus: %d pairs of %d decoded in %.1f s; %d tasks (%s)", len(rows), len(keys), time.time() - t_load,
              len(tasks), cfg.tasks)
-    ml = MetaLearner(learner, regs, cfg, corpus)
+    structure, proto_sha = None, None
+    if cfg.context == "structure":
+        structure, proto_sha = load_structure(prototypes_dir, cfg.structure, f"meta.{recipe}")
+    ml = MetaLearner(learner, regs, cfg, corpus, structure)
     n_val = min(64, len(tasks))
     val_ids = np.random.default_rng([cfg.seed, 1 << 20]).choice(len(tasks), n_val, replace=False)
     before = ml.validate(tasks, val_ids)
     digest = config_digest({"config": to_dict(cfg), "tasks": file_sha256(Path(tasks_dir) / task_file(cfg.tasks)),
-                            "backbone": backbone_fingerprint(backbone_dir), "keys": keys_sha})
+                            "backbone": backbone_fingerprint(backbone_dir), "keys": keys_sha,
+                            **({"prototypes": proto_sha} if proto_sha else {})})
     ckpt = out.with_name(f".{out.name}.ckpt")
     t_train = time.time()
     history = meta_train(ml, tasks, cfg, ckpt, digest, progress)
@@ -492,7 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chc", required=True, help="output of the cluster stage, e.g. data/emoji/chc")
     p.add_argument("--tasks", required=True, help="output of the tasks stage, e.g. data/emoji/tasks")
     p.add_argument("--backbone", required=True, help="backbone directory, e.g. models/emoji/backbone")
+    p.add_argument("--prototypes", default=None, help="output of the prototypes stage, e.g. data/emoji/prototypes "
+                                                        "(read by recipes with context: structure)")
     p.add_argument("--out", required=True, help="output directory, e.g. models/emoji/meta/coop")
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
-    run(prof, args.recipe, args.data, args.chc, args.tasks, args.backbone, args.out)
+    run(prof, args.recipe, args.data, args.chc, args.tasks, args.backbone, args.out, prototypes_dir=args.prototypes)

@@ -10,7 +10,14 @@ dimension of a θ tensor) and both starting close to the identity:
   support feature; without a context, a learned scalar); ψ(g; h) = (1 − c)·ĝ + c·g. The gate's last bias
   starts at logit(`init`) (c ≈ 0.95 by default), so ψ starts near g.
 - "gate" [ours]: ψ(g) = σ(mlp(u)) ⊙ g elementwise, the last layer zero and its bias logit(`init`), so ψ
-  starts at exactly `init`·g.
+  starts at exactly `init`·g. With `gate_context`, the gate also reads the context h: a linear map of h
+  (zero at the start) is added to the hidden layer, σ(out(tanh(hidden(u) + ctx(h)))) ⊙ g.
+
+The structure-induced regulator of test-time tuning [abstract: "models the relation between test data
+and the meta-learning prototypes"; the form is ours, method-notes §5] is ψ with a structure context:
+`StructureContext` turns an image feature f into h = mean over the chosen hierarchy levels of
+Σ_k softmax_k(cos(f, P_k)/τ)·P_k, the prototypes P of the prototypes stage. Meta-training with
+`context: structure` feeds ψ the same h (of the mean support feature), so ψ learns to read it.
 
 Feeding the MLPs the direction u rather than g makes them independent of the gradient's scale (prompt
 gradients are often 1e-4 or smaller); a zero row stays zero. ψ is kept in float32 whatever the autocast
@@ -44,14 +51,17 @@ class Regulator(nn.Module):
         rank: bottleneck width of the "mix" direction map; hidden: hidden width of the gates.
         context_dim: width of the task context h of the "mix" gate (None: a learned scalar gate).
         init: the gate's starting value (c for "mix", σ for "gate").
+        gate_context: "gate" form only: the gate reads h too (needs `context_dim`).
     """
 
     def __init__(self, dim: int, form: Literal["mix", "gate"] = "mix", rank: int = 16, hidden: int = 32,
-                 context_dim: int | None = None, init: float = 0.95):
+                 context_dim: int | None = None, init: float = 0.95, gate_context: bool = False):
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"unknown regulator form {form!r} (one of {', '.join(FORMS)})")
-        self.form, self.dim, self.context_dim = form, dim, context_dim
+        if gate_context and (form != "gate" or context_dim is None):
+            raise ValueError("gate_context needs form 'gate' and a context_dim")
+        self.form, self.dim, self.context_dim, self.gate_context = form, dim, context_dim, gate_context
         if form == "mix":
             self.down = nn.Linear(dim, rank)
             self.up = nn.Linear(rank, dim)
@@ -67,6 +77,10 @@ class Regulator(nn.Module):
             self.out = nn.Linear(hidden, dim)
             nn.init.zeros_(self.out.weight)
             nn.init.constant_(self.out.bias, _logit(init))
+            if gate_context:
+                self.context_in = nn.Linear(context_dim, hidden)
+                nn.init.zeros_(self.context_in.weight)
+                nn.init.zeros_(self.context_in.bias)
 
     def _dtype(self) -> torch.dtype:
         """The dtype ψ computes in: its parameters' (float32 unless made otherwise), whatever θ's dtype."""
@@ -94,7 +108,12 @@ class Regulator(nn.Module):
                 c = self.gate(h)
                 out = (1.0 - c) * g_hat + c * rows
             else:
-                out = torch.sigmoid(self.out(torch.tanh(self.hidden_layer(u)))) * rows
+                pre = self.hidden_layer(u)  # [R, hidden]
+                if self.gate_context:
+                    if h is None:
+                        raise ValueError("this regulator's gate reads a context (gate_context); pass h")
+                    pre = pre + self.context_in(h.to(self._dtype()).reshape(-1))  # + [hidden]
+                out = torch.sigmoid(self.out(torch.tanh(pre))) * rows
         return out.reshape(g.shape).to(g.dtype)
 
 
@@ -130,3 +149,44 @@ def inner_step(theta: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tens
     reg = regulate(regs, phi, grads, h)
     return {n: t - lr * reg[n] if n in reg else t for n, t in theta.items()}
 
+
+
+class StructureContext:
+    """h(f) = mean over levels of Σ_k softmax_k(cos(f, P_k) / τ) · P_k: an image feature's relation to the
+    meta-training prototypes of the hierarchy, as a context for ψ (module docstring).
+
+    Args:
+        prototypes: the tensors of the prototypes stage (`prototypes.safetensors`).
+        levels: hierarchy levels to relate to (0 = the finest).
+        tau: softmax temperature over the cosines.
+        modality: "image", "text" or "fused" prototypes.
+        sub: use the complexity-informed sub-prototypes instead of one prototype per cluster.
+    """
+
+    def __init__(self, prototypes: Mapping[str, torch.Tensor], levels: list[int], tau: float = 0.05,
+                 modality: str = "image", sub: bool = False):
+        if tau <= 0:
+            raise ValueError(f"tau must be positive; got {tau}")
+        self.levels, self.tau = list(levels), tau
+        self.bank = []
+        for lv in self.levels:
+            key = f"level{lv}.sub.{modality}" if sub else f"level{lv}.{modality}"
+            if key not in prototypes:
+                have = sorted({k.split(".")[0] for k in prototypes})
+                raise KeyError(f"prototypes have no {key!r} (levels present: {', '.join(have)})")
+            self.bank.append(torch.nn.functional.normalize(prototypes[key].float(), dim=-1))  # [K, E]
+        if not self.bank:
+            raise ValueError("StructureContext needs at least one level")
+
+    def to(self, device) -> "StructureContext":
+        self.bank = [b.to(device) for b in self.bank]
+        return self
+
+    def weights(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """Per level, the relation w [..., K] of features f [..., E] to that level's prototypes."""
+        f = torch.nn.functional.normalize(f.float(), dim=-1)
+        return [torch.softmax(f @ b.T / self.tau, dim=-1) for b in self.bank]
+
+    def __call__(self, f: torch.Tensor) -> torch.Tensor:
+        """h [..., E] for image features f [..., E]."""
+        return torch.stack([w @ b for w, b in zip(self.weights(f), self.bank)]).mean(0)

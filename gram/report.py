@@ -17,6 +17,13 @@ cluster stage's output), also:
     clustering.csv   one row per (mode, truth, level)
     clustering.png   NMI against the number of clusters, one line per mode, one panel per truth
     meta_training.md/.png  (with --meta) GRAM meta-training: held-out query loss before/after, gate, time
+
+`gram tpt-report --tpt DIR --out DIR` (`test_time`) renders the test-time runs of `grid.tpt`
+(`<tpt>/<dataset>/<method>/s<seed>.json`):
+    test_time.md     per dataset, class-balanced accuracy (%) per domain and their mean, mean ± std over
+                     seeds: each initial prompt without test-time tuning, then every test-time method
+    test_time.csv    one row per (dataset, row, seed, domain)
+    test_time.png    the domain mean of every row, with the seeds' spread
 """
 
 from __future__ import annotations
@@ -326,6 +333,109 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
     if meta_dir is not None:
         meta_training(meta_dir, list(params.grid.meta), out, profile)
     return md
+
+
+def _tpt_rows(grid, records: dict) -> list[tuple[str, str, str]]:
+    """(label, method, "before" | "after") rows of the test-time table: each distinct initial prompt
+    untuned (from the first method that starts from it), then every method after tuning."""
+    t = grid.tpt
+    source = {m: "words" for m in t.words}
+    source.update({e.method: f"few-shot {e.prompt} (k={grid.transfer.shots})" for e in t.tuned})
+    rows, seen = [], set()
+    for m in list(t.words) + [e.method for e in t.tuned] + [e.method for e in t.gram]:
+        rec = next(iter(records[m].values()))
+        init = rec["init"]["init"]
+        label = {"words": "zero-shot (words)", "meta": f"GRAM init ({(rec.get('meta') or {}).get('recipe')})"}.get(
+            init, source.get(m, init))
+        if label not in seen:
+            seen.add(label)
+            rows.append((f"{label}, no test-time tuning", m, "before"))
+    for m in list(t.words) + [e.method for e in t.tuned] + [e.method for e in t.gram]:
+        rows.append((m, m, "after"))
+    return rows
+
+
+def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path) -> str:
+    """test_time.md/.csv/.png from the test-time runs of grid.tpt (see the module docstring)."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g, prof, tpt_dir, out = params.grid, params.active(profile), Path(tpt_dir), Path(out)
+    methods = list(g.tpt.words) + [e.method for e in g.tpt.tuned] + [e.method for e in g.tpt.gram]
+    if not (g.tpt.datasets and methods):
+        raise ValueError("grid.tpt has no datasets or no methods: no test-time table to write")
+    domains, seeds = list(prof.tpt.domains), list(g.seeds)
+    roles = domain_roles(prof)
+    md = [f"# Test-time prompt tuning ({profile})", "",
+          f"Class-balanced accuracy (%) on the {prof.tpt.split} split, mean ± std over seeds {seeds} (the seed "
+          f"draws the {prof.tpt.views} views of each image and picks the few-shot prompt's run). Each image is tuned "
+          f"alone: {prof.tpt.steps} AdamW step(s) at lr {prof.tpt.lr:g} on the entropy of the "
+          f"{prof.tpt.keep:g} most confident views, then the prompt is reset. Rows \"…, no test-time tuning\" score "
+          "the same initial prompt on the images themselves. ms/image: wall time of the test-time method per image.",
+          ""]
+    table = io.StringIO()
+    w = csv.writer(table, lineterminator="\n")
+    w.writerow(["dataset", "row", "method", "stage", "seed", "domain", "n", "accuracy", "balanced_accuracy",
+                "ms_per_image"])
+    fig, axes = plt.subplots(1, len(g.tpt.datasets), figsize=(7.5 * len(g.tpt.datasets), 0.5 + 0.42 * 12),
+                             squeeze=False)
+    for k, ds in enumerate(g.tpt.datasets):
+        records = {m: {s: read_json(tpt_dir / ds / m / f"s{s}.json") for s in seeds} for m in methods}
+        for m in methods:
+            for s, rec in records[m].items():
+                have = [d["domain"] for d in rec["domains"]]
+                if have != domains:
+                    raise ValueError(f"{tpt_dir / ds / m / f's{s}.json'}: domains {have}, but tpt.domains is "
+                                     f"{domains}; rerun it")
+        head = [f"{d} ({roles.get(d, '')})" if roles.get(d) else d for d in domains]
+        md += [f"## {ds}", "", "| | " + " | ".join(head) + " | mean | ms/image |",
+               "|---|" + "---:|" * (len(domains) + 2)]
+        labels, means, stds = [], [], []
+        for label, m, stage in _tpt_rows(g, records):
+            per = np.array([[d[stage]["balanced_accuracy"] for d in records[m][s]["domains"]] for s in seeds])  # [S, D]
+            avg = per.mean(1)  # [S]
+            cells = [f"{100 * per[:, j].mean():.1f} ± {100 * per[:, j].std():.1f}" for j in range(len(domains))]
+            ms = np.mean([d["ms_per_image"] for s in seeds for d in records[m][s]["domains"]])
+            md.append(f"| {label} | " + " | ".join(cells) + f" | **{100 * avg.mean():.1f}** ± {100 * avg.std():.1f} | "
+                      + ("–" if stage == "before" else f"{ms:.1f}") + " |")
+            labels.append(label)
+            means.append(100 * avg.mean())
+            stds.append(100 * avg.std())
+            for s in seeds:
+                for d in records[m][s]["domains"]:
+                    w.writerow([ds, label, m, stage, s, d["domain"], d["n"], round(d[stage]["accuracy"], 5),
+                                round(d[stage]["balanced_accuracy"], 5),
+                                "" if stage == "before" else d["ms_per_image"]])
+        md.append("")
+        ax = axes[0][k]
+        y = np.arange(len(labels))[::-1]
+        ax.barh(y, means, xerr=stds, color=["#999999" if "no test-time" in lb else "#3b75af" for lb in labels])
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.set_xlim(min(means) - 3, max(means) + 3)
+        ax.set_xlabel(f"balanced accuracy (%), mean over {', '.join(domains)}")
+        ax.set_title(f"test-time tuning: {ds} ({profile})")
+    fig.tight_layout()
+    text = "\n".join(md) + "\n"
+    write_text(out / "test_time.md", text)
+    write_text(out / "test_time.csv", table.getvalue())
+    with atomic_path(out / "test_time.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return text
+
+
+def main_tpt(argv: list[str] | None = None) -> None:
+    from gram.cli import stage_parser, stage_setup
+
+    p = stage_parser("tpt-report", test_time.__doc__)
+    p.add_argument("--tpt", required=True, help="test-time runs directory, e.g. results/emoji/tpt")
+    p.add_argument("--out", required=True, help="directory of the table, e.g. results/emoji")
+    args = p.parse_args(argv)
+    params, _ = stage_setup(args)
+    test_time(params, args.profile or params.profile, args.tpt, args.out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,8 @@ Each tool builds the zero-shot table and the four protocol tables from scratch i
 the project (a smaller grid than the committed one, to stay fast); a second run has nothing to do;
 changing one backbone parameter reruns the backbone and what depends on it, never the download;
 changing one method's recipe reruns that method's runs and the report only; changing the task
-sampler reruns only the tasks stage, the meta-training and the GRAM method's runs; and both tools
-produce the same tables, hierarchy, tasks and meta-learned θ and φ.
+sampler reruns only the tasks stage, the meta-training and the GRAM methods' runs (tuning and test-time);
+and both tools produce the same tables, hierarchy, tasks, meta-learned θ and φ and test-time scores.
 """
 
 from __future__ import annotations
@@ -20,12 +20,16 @@ from test_pipeline_parity import copy_project, run
 
 pytestmark = pytest.mark.slow
 
-# 2 seeds (so std exists), 2 shot counts, three plain methods (text, joint text+visual, linear probe)
-# and one GRAM method over one meta-training recipe
+# 2 seeds (so std exists), 2 shot counts, three plain methods (text, joint text+visual, linear probe),
+# one GRAM method over one meta-training recipe, and three test-time methods (words init, the few-shot
+# CoOp prompt, GRAM's structure recipe)
 GRID = {"methods": ["zeroshot", "zeroshot-ensemble"], "tuned": ["coop", "joint", "linear-probe"],
-        "meta": ["coop"], "gram": [{"method": "coop+gram", "meta": "coop"}],
+        "meta": ["coop", "coop-tpt"], "gram": [{"method": "coop+gram", "meta": "coop"}],
         "datasets": ["subgroup16"], "shots": [1, 2], "seeds": [1, 2], "base_to_new_shots": 2,
-        "transfer": {"dataset": "subgroup16", "shots": 2}}
+        "transfer": {"dataset": "subgroup16", "shots": 2},
+        "tpt": {"datasets": ["subgroup16"], "words": ["tpt"], "tuned": [{"method": "tpt+coop", "prompt": "coop"}],
+                "gram": [{"method": "tpt+gram", "meta": "coop-tpt"}]}}
+TPT_METHODS = ["tpt", "tpt+coop", "tpt+gram"]
 METHODS = GRID["tuned"] + [e["method"] for e in GRID["gram"]]
 TUNED_JOBS = 4 * 2 * 2 + 4 * 2 + 2 * 4 * 2  # few-shot + base-to-new + transfer
 TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
@@ -55,7 +59,8 @@ def set_tiny_task_seed(params: Path, seed: int) -> None:
 
 STRUCTURE = ["data/tiny/chc/hierarchy.safetensors", "data/tiny/chc/keys.txt", "data/tiny/tasks/tasks.safetensors",
              "data/tiny/tasks/tasks-same-cluster.safetensors", "data/tiny/prototypes/prototypes.safetensors",
-             "results/tiny/clustering.csv", "models/tiny/meta/coop/meta.safetensors"]
+             "results/tiny/clustering.csv", "models/tiny/meta/coop-tpt/meta.safetensors",
+             "models/tiny/meta/coop/meta.safetensors"]
 
 
 def jobs_snakemake_would_run(cwd: Path) -> set[str]:
@@ -121,10 +126,26 @@ def test_snakemake_builds_the_meta_training_structure(snakemake_run):
     assert (snakemake_run / "results/tiny/meta_training.png").stat().st_size > 0
 
 
+def test_snakemake_builds_the_test_time_table(snakemake_run):
+    import json
+
+    out = snakemake_run / "results/tiny"
+    md = (out / "test_time.md").read_text()
+    for label in TPT_METHODS + ["zero-shot (words), no test-time tuning", "few-shot coop (k=2), no test-time tuning",
+                                "GRAM init (coop-tpt), no test-time tuning"]:
+        assert re.search(rf"\| {re.escape(label)} \| [0-9.]+ ± [0-9.]+ \|", md), (label, md)
+    assert (out / "test_time.png").stat().st_size > 0
+    assert len((out / "test_time.csv").read_text().splitlines()) == 1 + (3 + 3) * 2  # (3 before + 3 after) x 2 seeds
+    rec = json.loads((out / "tpt/subgroup16/tpt+coop/s2.json").read_text())
+    assert rec["init"]["source"] == {**rec["init"]["source"], "method": "coop", "shots": 2, "seed": 2}
+
+
 def test_snakemake_task_param_reruns_only_tasks_and_gram(snakemake_run):
     set_tiny_task_seed(snakemake_run / "params.yaml", 5)
     assert jobs_snakemake_would_run(snakemake_run) == {"tasks", "meta", "few_shot", "base_to_new", "transfer",
-                                                       "report"}
+                                                       "report", "tpt", "tpt_report"}
+    out = run(["snakemake", "-n", "-p", "--cores", "2", "--nocolor"], snakemake_run)
+    assert set(re.findall(r"gram tpt .*--method (\S+)", out)) == {"tpt+gram"}
     assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop+gram"}
     set_tiny_task_seed(snakemake_run / "params.yaml", 0)
     assert "Nothing to be done" in run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
@@ -137,12 +158,16 @@ def test_snakemake_second_run_does_nothing(snakemake_run):
 
 def test_snakemake_backbone_param_reruns_only_its_dependants(snakemake_run):
     bump_coop_lr(snakemake_run / "params.yaml")
-    assert jobs_snakemake_would_run(snakemake_run) == {"few_shot", "base_to_new", "transfer", "report"}
+    # the coop prompt is tpt+coop's init: its test-time jobs follow
+    assert jobs_snakemake_would_run(snakemake_run) == {"few_shot", "base_to_new", "transfer", "report", "tpt",
+                                                       "tpt_report"}
     assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop"}
+    out = run(["snakemake", "-n", "-p", "--cores", "2", "--nocolor"], snakemake_run)
+    assert set(re.findall(r"gram tpt .*--method (\S+)", out)) == {"tpt+coop"}
     bump_tiny_steps(snakemake_run / "params.yaml")
     assert jobs_snakemake_would_run(snakemake_run) == {"backbone", "evaluate", "few_shot", "base_to_new",
                                                        "transfer", "report", "embed", "cluster", "tasks",
-                                                       "prototypes", "meta"}
+                                                       "prototypes", "meta", "tpt", "tpt_report"}
 
 
 def test_dvc_builds_the_same_table(dvc_run, snakemake_run):
@@ -155,8 +180,13 @@ def test_dvc_builds_the_same_table(dvc_run, snakemake_run):
     assert table(dvc_run) == table(snakemake_run)
     for t in TABLES + ["clustering", "meta_training"]:
         assert (dvc_run / f"results/tiny/{t}.md").read_text() == (snakemake_run / f"results/tiny/{t}.md").read_text()
-    for f in STRUCTURE[:-1]:  # embeddings, hierarchy, tasks and prototypes: byte for byte
+    for f in STRUCTURE[:-2]:  # embeddings, hierarchy, tasks and prototypes: byte for byte
         assert (dvc_run / f).read_bytes() == (snakemake_run / f).read_bytes(), f
+
+    def test_time(cwd: Path) -> str:  # the table without the wall-time column
+        return re.sub(r"\| [0-9.]+ \|\n", "|\n", (cwd / "results/tiny/test_time.md").read_text())
+
+    assert test_time(dvc_run) == test_time(snakemake_run)
     # meta-learned θ and φ: the same metadata; values equal to float32 rounding (BLAS summation order can
     # differ between two processes, e.g. with the memory alignment of a buffer)
     from gram.tensorio import load_tensors
@@ -178,12 +208,15 @@ def test_dvc_backbone_param_reruns_only_its_dependants(dvc_run):
     bump_coop_lr(dvc_run / "params.yaml")
     out = run(["dvc", "repro"], dvc_run)
     ran = re.findall(r"Running stage '([^']+)'", out)
-    assert {s.split("@")[0] for s in ran} == {"few-shot", "base-to-new", "transfer", "report"}, out
-    assert all("-coop-" in s or s.endswith("-coop") or s == "report" for s in ran), ran
+    assert {s.split("@")[0] for s in ran} == {"few-shot", "base-to-new", "transfer", "report", "tpt-tuned",
+                                               "tpt-report"}, out
+    assert all("-coop-" in s or s.endswith("-coop") or s in ("report", "tpt-report") or s.startswith("tpt-tuned@")
+               for s in ran), ran
     bump_tiny_steps(dvc_run / "params.yaml")
     out = run(["dvc", "repro"], dvc_run)
     ran = {s.split("@")[0] for s in re.findall(r"Running stage '([^']+)'", out)}
     assert ran == {"backbone", "evaluate", "few-shot", "base-to-new", "transfer", "report", "embed", "cluster",
-                   "tasks", "prototypes", "meta", "few-shot-gram", "base-to-new-gram", "transfer-gram"}, out
+                   "tasks", "prototypes", "meta", "few-shot-gram", "base-to-new-gram", "transfer-gram", "tpt",
+                   "tpt-tuned", "tpt-gram", "tpt-report"}, out
     assert "Stage 'download' didn't change, skipping" in out
     assert "pretrained 31 steps" in (dvc_run / "logs/tiny/backbone.log").read_text()

@@ -65,9 +65,25 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
     few_shot = len(g["datasets"]) * tuned * len(g["shots"]) * len(g["seeds"])
     base_to_new = len(g["datasets"]) * tuned * len(g["seeds"])
     transfer = 2 * tuned * len(g["seeds"])
+    t = g["tpt"]
+    tpt = len(t["datasets"]) * (len(t["words"]) + len(t["tuned"]) + len(t["gram"])) * len(g["seeds"])
+    assert tpt, "the default grid runs test-time methods"
     assert stages == {"download": 1, "backbone": 1, "evaluate": len(g["methods"]),
                       "tune": few_shot + base_to_new + transfer, "report": 1, "embed": 1, "cluster": 1,
-                      "tasks": 1, "prototypes": 1, "meta": len(g["meta"])}
+                      "tasks": 1, "prototypes": 1, "meta": len(g["meta"]), "tpt": tpt, "tpt-report": 1}
+    # a test-time job reads the few-shot prompt (same seed) or the meta output its grid entry names
+    reads = {m: None for m in t["words"]}
+    reads.update({e["method"]: f"--prompt models/{profile}/prompts/{g['transfer']['dataset']}/{e['prompt']}/"
+                               f"k{g['transfer']['shots']}-s{{seed}}.safetensors" for e in t["tuned"]})
+    reads.update({e["method"]: f"--meta models/{profile}/meta/{e['meta']}" for e in t["gram"]})
+    for c in smk:
+        m = re.search(r"^gram tpt .*--method (\S+) --seed (\S+)", c)
+        if m:
+            want = reads[m.group(1)]
+            if want is None:
+                assert "--prompt" not in c and "--meta" not in c, c
+            else:
+                assert want.format(seed=m.group(2)) in c, c
     # a GRAM method's tuning reads its recipe's meta-training output; a plain method's does not
     recipe = {e["method"]: e["meta"] for e in g["gram"]}
     for c in smk:

@@ -132,6 +132,45 @@ def meta_dirs(wildcards):
     )
 
 
+def tpt_entries():
+    """(method, what it reads) of grid.tpt: None, ("prompt", tuned method) or ("meta", recipe)."""
+    t = config["grid"].get("tpt", {})
+    out = {m: None for m in t.get("words", [])}
+    out.update({e["method"]: ("prompt", e["prompt"]) for e in t.get("tuned", [])})
+    out.update({e["method"]: ("meta", e["meta"]) for e in t.get("gram", [])})
+    return out
+
+
+def tpt_input(wildcards):
+    """Input function: the few-shot prompt or meta-training output a test-time method reads."""
+    src = tpt_entries().get(wildcards.method)
+    if src is None:
+        return []
+    if src[0] == "meta":
+        return [f"models/{wildcards.profile}/meta/{src[1]}"]
+    tr = config["grid"]["transfer"]
+    return [
+        f"models/{wildcards.profile}/prompts/{tr['dataset']}/{src[1]}/k{tr['shots']}-s{wildcards.seed}.safetensors"
+    ]
+
+
+def tpt_arg(wildcards):
+    """The `--prompt PATH` / `--meta DIR` argument of a test-time job (empty for words-init methods)."""
+    src = tpt_entries().get(wildcards.method)
+    return "" if src is None else f" --{src[0]} {tpt_input(wildcards)[0]}"
+
+
+def tpt_files(wildcards):
+    """Every test-time run of grid.tpt (the test-time table's inputs)."""
+    return expand(
+        "results/{profile}/tpt/{dataset}/{method}/s{seed}.json",
+        profile=wildcards.profile,
+        dataset=config["grid"].get("tpt", {}).get("datasets", []),
+        method=list(tpt_entries()),
+        seed=config["grid"]["seeds"],
+    )
+
+
 PROTOCOL_TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
 
 
@@ -141,4 +180,7 @@ def report_targets():
     out += [f"results/{PROFILE}/clustering.{ext}" for ext in ("md", "csv", "png")]
     out += [f"results/{PROFILE}/meta_training.{ext}" for ext in ("md", "png")]
     out += [f"models/{PROFILE}/meta/{r}" for r in config["grid"].get("meta", [])]
+    t = config["grid"].get("tpt", {})
+    if t.get("datasets") and tpt_entries():
+        out += [f"results/{PROFILE}/test_time.{ext}" for ext in ("md", "csv", "png")]
     return out + [f"data/{PROFILE}/tasks", f"data/{PROFILE}/prototypes"]

@@ -121,6 +121,7 @@ rule meta:
         shards="data/{profile}/shards",
         chc="data/{profile}/chc",
         tasks="data/{profile}/tasks",
+        prototypes="data/{profile}/prototypes",
         backbone="models/{profile}/backbone",
     output:
         directory("models/{profile}/meta/{recipe}"),
@@ -133,4 +134,4 @@ rule meta:
         device=section("backbone", "device"),
         dtype=section("backbone", "dtype"),
     shell:
-        "gram meta --params params.yaml --profile {wildcards.profile} --recipe {wildcards.recipe} --data data/{wildcards.profile} --chc data/{wildcards.profile}/chc --tasks data/{wildcards.profile}/tasks --backbone models/{wildcards.profile}/backbone --out {output} --log {log}"
+        "gram meta --params params.yaml --profile {wildcards.profile} --recipe {wildcards.recipe} --data data/{wildcards.profile} --chc data/{wildcards.profile}/chc --tasks data/{wildcards.profile}/tasks --prototypes data/{wildcards.profile}/prototypes --backbone models/{wildcards.profile}/backbone --out {output} --log {log}"

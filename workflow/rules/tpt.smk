@@ -1,0 +1,54 @@
+# Test-time tuning (gram/tpt.py): one job per (dataset, test-time method, seed) of grid.tpt, scoring
+# every domain of <profile>.tpt.domains. A method that starts from a few-shot-tuned prompt reads the
+# few-shot prompt of grid.transfer (same seed); a GRAM one reads its recipe's meta-training output.
+
+
+rule tpt:
+    input:
+        sources(
+            "tpt.py",
+            "tune.py",
+            "evaluate.py",
+            "prompts",
+            "backbone.py",
+            "data",
+            "io.py",
+            "meta.py",
+            "regulator.py",
+        ),
+        datasets="data/{profile}/datasets",
+        shards="data/{profile}/shards",
+        backbone="models/{profile}/backbone",
+        prototypes="data/{profile}/prototypes",
+        extra=tpt_input,
+    output:
+        "results/{profile}/tpt/{dataset}/{method}/s{seed}.json",
+    log:
+        "logs/{profile}/tpt/{dataset}/{method}/s{seed}.log",
+    conda:
+        "../envs/gram.yaml"
+    params:
+        tpt=section("tpt"),
+        device=section("backbone", "device"),
+        dtype=section("backbone", "dtype"),
+        extra=tpt_arg,
+    shell:
+        "gram tpt --params params.yaml --profile {wildcards.profile} --dataset {wildcards.dataset} --method {wildcards.method} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --prototypes data/{wildcards.profile}/prototypes --views-cache results/{wildcards.profile}/.tpt-views --out {output}{params.extra} --log {log}"
+
+
+rule tpt_report:
+    input:
+        sources("report.py", "io.py"),
+        runs=tpt_files,
+    output:
+        multiext("results/{profile}/test_time", ".md", ".csv", ".png"),
+    log:
+        "logs/{profile}/tpt-report.log",
+    conda:
+        "../envs/gram.yaml"
+    params:
+        grid=config["grid"]["tpt"],
+        seeds=config["grid"]["seeds"],
+        domains=section("tpt", "domains"),
+    shell:
+        "gram tpt-report --params params.yaml --profile {wildcards.profile} --tpt results/{wildcards.profile}/tpt --out results/{wildcards.profile} --log {log}"
