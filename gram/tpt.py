@@ -305,6 +305,13 @@ def n_kept(views: int, keep: float) -> int:
     return max(1, int(views * keep))
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _master(ctx: torch.Tensor) -> torch.Tensor:
     """The context as tuned: float32 at least (a bf16 backbone still tunes an fp32 θ; float64 stays)."""
     return ctx.detach().to(torch.promote_types(ctx.dtype, torch.float32))
@@ -464,22 +471,23 @@ class TestTimeTuner:
         t = {"views_s": 0.0, "encode_s": 0.0, "tune_s": 0.0}
         bar = tqdm(total=len(images), desc="tpt", unit="img", disable=not progress, mininterval=2.0)
         for i in range(0, len(images), per_batch):
-            t0 = time.perf_counter()
+            t0 = _clock(dev)
             rows = range(i, min(i + per_batch, len(images)))
             if cached is None:
                 views = torch.stack([make_views(images[j], self.learner.backbone.spec, cfg.views,
                                                 view_generator(seed, keys[j]), augment, tuple(cfg.crop_scale), dev)
                                      for j in rows])  # [B, V, 3, s, s]
-                t1 = time.perf_counter()
+                t1 = _clock(dev)
                 feats = self.view_features(views.flatten(0, 1)).view(len(rows), cfg.views, -1)  # [B, V, E]
-                computed.append(feats.cpu())
+                if cache is not None:
+                    computed.append(feats.cpu())
             else:
-                t1 = time.perf_counter()
+                t1 = _clock(dev)
                 feats = cached[i:i + len(rows)].to(dev)
-            t2 = time.perf_counter()
+            t2 = _clock(dev)
             out = tune_batch(prompts, feats, self.ctx0, scale, cfg.steps, cfg.lr, cfg.weight_decay, cfg.keep,
                              self.regulator, self.context)
-            t3 = time.perf_counter()
+            t3 = _clock(dev)
             before.append(out["before"].cpu())
             after.append(out["after"].cpu())
             losses.append(out["loss"].cpu())
