@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram` importable
     sys.path.insert(0, str(ROOT))
 
+from benchenv import device_name  # noqa: E402
 from gram.io import write_json  # noqa: E402
 from gram.prompts.encoders import encode_text_embeds  # noqa: E402
 
@@ -88,18 +89,6 @@ class Case:
 # ------------------------------------------------------------------------------------------------
 # environment
 # ------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 

@@ -80,6 +80,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram
     sys.path.insert(0, str(ROOT))
 
 from gram.config import TptParams  # noqa: E402
+from benchenv import device_name  # noqa: E402
 from gram.io import write_json  # noqa: E402
 
 GIB = 1024 ** 3
@@ -105,18 +106,6 @@ SAVED_PER_TOKEN_LAYER = 20
 # ------------------------------------------------------------------------------------------------
 # environment, clocks and memory
 # ------------------------------------------------------------------------------------------------
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 

@@ -16,6 +16,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 import fake_npm  # noqa: E402
 
 
+def params_with(tmp_path: Path, edit) -> str:
+    """A copy of params.yaml with `edit(raw_dict)` applied, written under tmp_path; returns its path."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def fake_packages(tmp_path_factory) -> Path:
     """A raw/ directory holding the synthetic npm packages, as the download stage caches them."""

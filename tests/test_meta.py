@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, params_with
 from gram import cli
 from gram import config as C
 from gram import meta as M
@@ -248,16 +248,6 @@ def test_meta_stage_refuses_tasks_of_another_hierarchy(metaworld, tmp_path, caps
     assert not (tmp_path / "m").exists()
 
 
-def _params_with(tmp_path, edit) -> str:
-    import yaml
-
-    raw = yaml.safe_load(open(PARAMS))
-    edit(raw)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
-
-
 @pytest.mark.parametrize("edit, message", [
     (lambda r: r["grid"]["gram"].append({"method": "coop", "meta": "coop"}), "uses neither meta_init"),
     (lambda r: r["grid"]["gram"].append({"method": "coop+gram", "meta": "nope"}), "is not in grid.meta"),
@@ -270,4 +260,4 @@ def _params_with(tmp_path, edit) -> str:
 ])
 def test_gram_config_errors_name_the_key(tmp_path, edit, message):
     with pytest.raises(C.ConfigError, match=message):
-        C.load(_params_with(tmp_path, edit))
+        C.load(params_with(tmp_path, edit))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fake_npm
-from conftest import ROOT
+from conftest import ROOT, params_with
 from gram import cli
 from gram import config as C
 from gram import tpt as T
@@ -321,16 +321,6 @@ def test_tpt_refuses_missing_or_extra_inputs(tptworld, tmp_path, capsys):
     assert not bad.exists()
 
 
-def _params_with(tmp_path, edit) -> str:
-    import yaml
-
-    raw = yaml.safe_load(open(PARAMS))
-    edit(raw)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
-
-
 @pytest.mark.parametrize("edit, message", [
     (lambda r: (r["grid"]["tpt"]["gram"].pop(1), r["grid"]["tpt"]["words"].append("tpt+gram-init")),
      "list it in grid.tpt.tuned"),
@@ -351,4 +341,4 @@ def _params_with(tmp_path, edit) -> str:
 ])
 def test_tpt_config_errors_name_the_key(tmp_path, edit, message):
     with pytest.raises(C.ConfigError, match=message):
-        C.load(_params_with(tmp_path, edit))
+        C.load(params_with(tmp_path, edit))
