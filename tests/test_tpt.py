@@ -335,7 +335,8 @@ def test_tpt_refuses_missing_or_extra_inputs(tptworld, tmp_path, capsys):
     (lambda r: r["emoji"]["tpt"]["methods"]["tpt"]["prompt"].update(kind="vpt"), "prompt.kind must be coop"),
     (lambda r: r["emoji"]["tpt"].update(keep=0.01), "keeps no view"),
     (lambda r: r["emoji"]["tpt"]["structure"].update(levels=[0, 7]), "tpt.structure.levels"),
-    (lambda r: r["emoji"]["meta"]["coop-tpt"].update(regulator={"form": "gate"}), "context: structure needs"),
+    (lambda r: r["emoji"]["meta"]["coop-tpt"].update(regulator={"form": "gate"}, reg_lambda=0.0),
+     "context: structure needs"),
     (lambda r: r["emoji"]["meta"]["coop"]["regulator"].update(form="mix", gate_context=True),
      "gate_context applies to form: gate"),
 ])
