@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram` importable
     sys.path.insert(0, str(ROOT))
 
-from benchenv import device_name  # noqa: E402
+from benchenv import device_and_dtype, device_name  # noqa: E402
 from gram.io import write_json  # noqa: E402
 from gram.prompts.encoders import encode_text_embeds  # noqa: E402
 
@@ -351,15 +351,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype_name = args.dtype if device.type == "cuda" else "float32"
-    if dtype_name != args.dtype:
-        print(f"note: --dtype {args.dtype} ignored on the CPU; running float32", file=sys.stderr)
-    dtype = getattr(torch, dtype_name)
+    device, dtype = device_and_dtype(args)
     atol = args.atol if args.atol is not None else (1e-5 if dtype == torch.float32 else 1e-2)
     out = args.out or ROOT / "benchmarks" / "results" / f"text_truncation-{device.type}.json"
 
@@ -372,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if str(backbone).lower() == "none":
         skipped.append("emoji: --backbone none")
     elif (backbone / "config.json").is_file():
-        cases.extend(emoji_cases(backbone, args.classes_file, device, dtype_name))
+        cases.extend(emoji_cases(backbone, args.classes_file, device, str(dtype).removeprefix("torch.")))
     else:
         skipped.append(f"emoji: no backbone at {backbone}")
         print(f"note: no emoji backbone at {backbone}; skipping the emoji cases", file=sys.stderr)

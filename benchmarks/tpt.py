@@ -80,7 +80,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram
     sys.path.insert(0, str(ROOT))
 
 from gram.config import TptParams  # noqa: E402
-from benchenv import device_name  # noqa: E402
+from benchenv import device_and_dtype, device_name  # noqa: E402
 from gram.io import write_json  # noqa: E402
 
 GIB = 1024 ** 3
@@ -571,15 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype_name = args.dtype if device.type == "cuda" else "float32"
-    if dtype_name != args.dtype:
-        print(f"note: --dtype {args.dtype} ignored on the CPU; running float32", file=sys.stderr)
-    dtype = getattr(torch, dtype_name)
+    device, dtype = device_and_dtype(args)
     out = args.out or ROOT / "benchmarks" / "results" / f"tpt-{device.type}.json"
     counts = [int(c) for c in (s.strip() for s in args.classes.split(",")) if c]
     if not counts:

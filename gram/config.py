@@ -402,6 +402,10 @@ class TptGrid:
     tuned: list[TptTuned] = _f(factory=list, help="test-time methods that start from a few-shot-tuned prompt")
     gram: list[TptGram] = _f(factory=list, help="test-time methods that read a meta-training output")
 
+    def methods(self) -> list[str]:
+        """Every test-time method of the grid: words, then tuned, then GRAM ones."""
+        return list(self.words) + [e.method for e in self.tuned] + [e.method for e in self.gram]
+
 
 @dataclass(frozen=True)
 class GridParams:
@@ -707,7 +711,7 @@ def check_tpt_grid(params: Params, profile: str, where: str) -> None:
     extra = [d for d in t.datasets if d not in prof.data.datasets]
     if extra:
         raise err(f"`grid.tpt.datasets` names {extra}, which `{profile}.data.datasets` does not define")
-    names = list(t.words) + [e.method for e in t.tuned] + [e.method for e in t.gram]
+    names = t.methods()
     for name in names:
         if name not in methods:
             raise err(f"`grid.tpt` names {name!r}, which `{profile}.tpt.methods` does not define")

@@ -342,7 +342,7 @@ def _tpt_rows(grid, records: dict) -> list[tuple[str, str, str]]:
     source = {m: "words" for m in t.words}
     source.update({e.method: f"few-shot {e.prompt} (k={grid.transfer.shots})" for e in t.tuned})
     rows, seen = [], set()
-    for m in list(t.words) + [e.method for e in t.tuned] + [e.method for e in t.gram]:
+    for m in t.methods():
         rec = next(iter(records[m].values()))
         init = rec["init"]["init"]
         label = {"words": "zero-shot (words)", "meta": f"GRAM init ({(rec.get('meta') or {}).get('recipe')})"}.get(
@@ -350,7 +350,7 @@ def _tpt_rows(grid, records: dict) -> list[tuple[str, str, str]]:
         if label not in seen:
             seen.add(label)
             rows.append((f"{label}, no test-time tuning", m, "before"))
-    for m in list(t.words) + [e.method for e in t.tuned] + [e.method for e in t.gram]:
+    for m in t.methods():
         rows.append((m, m, "after"))
     return rows
 
@@ -364,7 +364,7 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
     import matplotlib.pyplot as plt
 
     g, prof, tpt_dir, out = params.grid, params.active(profile), Path(tpt_dir), Path(out)
-    methods = list(g.tpt.words) + [e.method for e in g.tpt.tuned] + [e.method for e in g.tpt.gram]
+    methods = g.tpt.methods()
     if not (g.tpt.datasets and methods):
         raise ValueError("grid.tpt has no datasets or no methods: no test-time table to write")
     domains, seeds = list(prof.tpt.domains), list(g.seeds)

@@ -437,14 +437,11 @@ class TestTimeTuner:
         self.ctx0 = _master(ctx0).to(learner.backbone.device)
         self.image_batch, self.shared_prefix = image_batch, shared_prefix
 
-    @torch.no_grad()
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
-        """Frozen L2-normalised features [N, E] of views [N, 3, s, s], in chunks."""
-        from gram.prompts.encoders import encode_image_prompted, normalize
+        """Frozen L2-normalised features [N, E] of views [N, 3, s, s], `image_batch` at a time."""
+        from gram.tune import frozen_features
 
-        bb = self.learner.backbone
-        return torch.cat([normalize(encode_image_prompted(bb.model, views[i:i + self.image_batch].to(bb.device, bb.dtype),
-                                                          None)) for i in range(0, len(views), self.image_batch)])
+        return frozen_features(self.learner, views, self.image_batch)
 
     def run(self, images: np.ndarray, keys: list[str], names: list[str], seed: int, augment: str = "crop-flip",
             progress: bool = False, cache: str | Path | None = None) -> dict:
