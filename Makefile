@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= all
 
-.PHONY: help setup demo test test-fast lint clean-results
+.PHONY: help setup demo test test-fast lint report clean-results
 
 help:
 	@echo "make demo   set up, then run the emoji pipeline end to end (results/emoji/*.md)"
 	@echo "make test   set up, then run the test suite (what CI runs)"
 	@echo "make lint   snakemake --lint, snakefmt --check, dvc dag"
+	@echo "make report snakemake --report results/<profile>/report.html (tables and plots of a finished run)"
 	@echo "make setup  only create $(VENV) with the pinned stack and gram installed in editable mode"
 
 # torch is installed first and pinned for every later install (constraints.txt): an unpinned torch
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[workflow,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[workflow,dev,slurm]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -35,6 +36,9 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	source $(BIN)/activate && snakemake --lint --cores 1 && snakefmt --check Snakefile workflow/rules && dvc dag
+
+report: $(STAMP)
+	source $(BIN)/activate && snakemake --report results/$$(python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['profile'])")/report.html
 
 clean-results:
 	rm -rf results/emoji models/emoji logs/emoji

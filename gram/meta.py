@@ -25,12 +25,18 @@ the optimiser, the history) is written every `checkpoint_every` steps to `.<out>
 output and resumed when the parameters and inputs are the same; the task order is a function of
 (seed, step), so a resumed run equals an uninterrupted one.
 
+Several processes (gram/distributed.py): with `GRAM_NPROC` > 1 (or `auto` and several GPUs) `gram meta`
+restarts itself under torchrun. Each rank takes every N-th task of an outer step, divides its losses by
+the whole batch's size, and the ranks sum their gradients before the clip and the Adam step, so every
+rank holds the same θ, φ and the run equals the one-process run with the same batch (to float rounding).
+Rank 0 alone validates, checkpoints and writes the outputs; a checkpoint resumes with any process count.
+
 `gram meta --recipe NAME --data D --chc C --tasks T --backbone B --out models/<p>/meta/NAME` writes
   meta.safetensors  `theta.<name>` (the initialisation) and `phi.<name>` (ψ's parameters); metadata:
                     the recipe with its prompt and regulator, the context width.
   meta.json         the history (losses and gate per step) and the meta-validation: the mean query
                     loss over held-out tasks before and after meta-training, unadapted and after one
-                    regulated inner step.
+                    regulated inner step; `world_size`, the number of processes.
   meta.png          the loss curves.
 
 Downstream (`gram tune` with a method of `grid.gram`): `load_meta` gives θ and ψ_φ back.
@@ -40,6 +46,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -50,7 +58,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gram import distributed
 from gram.config import MetaParams, to_dict
+from gram.distributed import World
 from gram.regulator import Regulators, regulate
 
 log = logging.getLogger("gram.meta")
@@ -319,36 +329,50 @@ def load_checkpoint(ckpt: Path, ml: MetaLearner, opt, digest: str) -> tuple[int,
 
 
 def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None, digest: str = "",
-               progress: bool = True, stop_after: int | None = None) -> list[dict]:
+               progress: bool = True, stop_after: int | None = None, world: World = World()) -> list[dict]:
     """Run the outer loop of `cfg` (resuming from `ckpt`); returns the per-step history.
 
-    `stop_after`: return after this many steps of this call (tests interrupt a run with it)."""
+    `stop_after`: return after this many steps of this call (tests interrupt a run with it).
+    `world`: this process's rank among the meta-training processes (gram.distributed.init); each rank
+    computes its share of every outer step's tasks, and only rank 0 shows progress and checkpoints."""
     opt = torch.optim.Adam([{"params": list(ml.theta.values()), "lr": cfg.lr},
                             {"params": list(ml.phi.values()), "lr": cfg.regulator_lr}])
     start, history = load_checkpoint(ckpt, ml, opt, digest) if ckpt is not None else (0, [])
+    if not distributed.same_on_all(start, world):
+        raise RuntimeError(f"{ckpt}: the meta-training processes resumed from different steps (every process "
+                           f"must read the same checkpoint directory)")
+    params = list(ml.theta.values()) + list(ml.phi.values())
+    distributed.broadcast_params(params, world)  # every rank starts from rank 0's θ, φ
     amp = autocast_for(ml.device, cfg.autocast)
-    bar = tqdm(range(start, cfg.steps), desc="meta", unit="step", disable=not progress, mininterval=2.0,
-               initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc="meta", unit="step", disable=not (progress and world.main),
+               mininterval=2.0, initial=start, total=cfg.steps)
     done = 0
     for step in bar:
         ids = task_batch(len(tasks), cfg.tasks_per_step, step, cfg.seed)
         opt.zero_grad(set_to_none=True)
         parts = []
-        for t in ids:
+        for t in distributed.shard(ids, world):
             with amp:
                 loss, ls, lq, gate = ml.task_loss(ml.theta, ml.phi, tasks.support[t], tasks.query[t],
                                                   float(tasks.similarity[t]))
-            (loss / len(ids)).backward()
+            (loss / len(ids)).backward()  # the whole batch's size: the ranks' sum is the batch mean
             parts.append(torch.stack([ls.float(), lq.float(), gate.float()]))
+        distributed.all_reduce_grads(params, world)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(ml.theta.values()), cfg.grad_clip)
             torch.nn.utils.clip_grad_norm_(list(ml.phi.values()), cfg.grad_clip)
         opt.step()
-        ls, lq, gate = torch.stack(parts).mean(0).tolist()  # one host sync per outer step
+        # [support, query, gate, tasks] summed over this rank's tasks, then over the ranks
+        sums = torch.zeros(4, device=ml.device)
+        if parts:
+            sums[:3] = torch.stack(parts).sum(0)
+            sums[3] = len(parts)
+        sums = distributed.all_reduce_sum(sums, world)
+        ls, lq, gate = (sums[:3] / sums[3]).tolist()  # one host sync per outer step
         history.append({"step": step + 1, "support_loss": round(ls, 5), "query_loss": round(lq, 5),
                         "gate": None if gate != gate else round(gate, 5)})
         bar.set_postfix(support=f"{ls:.3f}", query=f"{lq:.3f}", refresh=False)
-        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+        if world.main and ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
                 and step + 1 < cfg.steps:
             save_checkpoint(ckpt, ml, opt, step + 1, digest, history)
         done += 1
@@ -436,9 +460,10 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
 
 def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir: str | Path,
         backbone_dir: str | Path, out: str | Path, progress: bool = True,
-        prototypes_dir: str | Path | None = None) -> dict:
+        prototypes_dir: str | Path | None = None, world: World = World()) -> dict:
     """Meta-train recipe `<profile>.meta.<recipe>`; writes `out` (meta.safetensors, meta.json, meta.png).
-    `prototypes_dir` (the prototypes stage's output) is read by recipes with context: structure."""
+    `prototypes_dir` (the prototypes stage's output) is read by recipes with context: structure.
+    `world` (gram.distributed.init): every rank trains; rank 0 alone validates and writes `out`."""
     from gram.backbone import load
     from gram.cluster import KEYS
     from gram.embed import backbone_fingerprint, file_sha256
@@ -478,14 +503,17 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     ml = MetaLearner(learner, regs, cfg, corpus, structure)
     n_val = min(64, len(tasks))
     val_ids = np.random.default_rng([cfg.seed, 1 << 20]).choice(len(tasks), n_val, replace=False)
-    before = ml.validate(tasks, val_ids)
+    before = ml.validate(tasks, val_ids) if world.main else None
     digest = config_digest({"config": to_dict(cfg), "tasks": file_sha256(Path(tasks_dir) / task_file(cfg.tasks)),
                             "backbone": backbone_fingerprint(backbone_dir), "keys": keys_sha,
                             **({"prototypes": proto_sha} if proto_sha else {})})
     ckpt = out.with_name(f".{out.name}.ckpt")
     t_train = time.time()
-    history = meta_train(ml, tasks, cfg, ckpt, digest, progress)
+    history = meta_train(ml, tasks, cfg, ckpt, digest, progress, world=world)
     train_s = time.time() - t_train
+    if not world.main:  # rank 0 validates and publishes; the others wait for it, then leave
+        distributed.barrier(world)
+        return {"recipe": recipe, "steps": len(history), "world_size": world.size}
     after = ml.validate(tasks, val_ids)
     last = history[-min(len(history), 50):]
     info = {"recipe": recipe, "config": to_dict(cfg), "context_dim": context_dim, "kind": cfg.prompt.kind,
@@ -493,7 +521,7 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
             "phi_parameters": int(sum(v.numel() for v in ml.phi.values())),
             "tasks": {"file": task_file(cfg.tasks), "n": len(tasks), "level": tmeta.get("level"),
                       "cross_cluster": tmeta.get("cross_cluster")},
-            "digest": digest, "steps": len(history),
+            "digest": digest, "steps": len(history), "world_size": world.size,
             "last50": {k: round(float(np.mean([h[k] for h in last])), 5) for k in ("support_loss", "query_loss")},
             "validation": {"tasks": n_val, "before": before, "after": after},
             "train_time_s": round(train_s, 2), "time_s": round(time.time() - t0, 2)}
@@ -509,6 +537,7 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     log.info("meta-trained %s: %d steps in %.0f s; held-out query loss %.3f -> %.3f unadapted, %.3f -> %.3f "
              "after the regulated step", recipe, len(history), train_s, before["query_loss"], after["query_loss"],
              before["query_loss_adapted"], after["query_loss_adapted"])
+    distributed.barrier(world)
     return info
 
 
@@ -526,4 +555,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output directory, e.g. models/emoji/meta/coop")
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
-    run(prof, args.recipe, args.data, args.chc, args.tasks, args.backbone, args.out, prototypes_dir=args.prototypes)
+    if not distributed.launched():
+        n = distributed.processes_wanted(prof.backbone.device)
+        if n > 1:  # the same command, on n processes under torchrun
+            log.info("meta-training on %d processes under torchrun (%s=%s)", n, distributed.NPROC,
+                     os.environ.get(distributed.NPROC, "auto"))
+            rc = distributed.relaunch(n, ["meta", *(sys.argv[1:] if argv is None else argv)])
+            if rc != 0:  # the failing rank printed its error
+                log.error("meta-training on %d processes failed (torchrun exit code %d)", n, rc)
+                raise SystemExit(rc)
+            return
+    world = distributed.init(prof.backbone.device)
+    if not world.main:  # one log and one progress bar: rank 0's
+        logging.getLogger("gram").setLevel(logging.WARNING)
+    elif world.size > 1:
+        log.info("meta-training process 0 of %d (%s backend)", world.size, torch.distributed.get_backend())
+    try:
+        run(prof, args.recipe, args.data, args.chc, args.tasks, args.backbone, args.out,
+            prototypes_dir=args.prototypes, world=world)
+    finally:
+        distributed.close(world)

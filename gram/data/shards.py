@@ -55,7 +55,9 @@ def iter_samples(paths: Iterable[str | Path]) -> Iterator[dict]:
     import webdataset as wds
 
     urls = [str(p) for p in paths]
-    yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    # every caller wants every sample, also under torchrun (whose RANK/WORLD_SIZE webdataset's default
+    # node splitter refuses): no splitting by rank
+    yield from wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None)
 
 
 def decode_rgb(data: bytes, where: str = "") -> np.ndarray:

@@ -7,8 +7,12 @@ rule backbone:
     log:
         "logs/{profile}/backbone.log",
     conda:
-        "../envs/gram.yaml"
-    threads: workflow.cores
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(4000, shards=2),
+        runtime=480,
+        gpu=1,
     params:
         backbone=section("backbone"),
         pretrain_vendors=section("data", "vendors", "pretrain"),

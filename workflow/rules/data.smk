@@ -8,7 +8,11 @@ rule download:
     log:
         "logs/{profile}/download.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/cpu.yaml"
+    threads: 1
+    resources:
+        mem_mb=memory(2000),
+        runtime=120,
     params:
         data=section("data"),
     shell:

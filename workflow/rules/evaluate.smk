@@ -9,7 +9,12 @@ rule evaluate:
     log:
         "logs/{profile}/evaluate-{method}.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(4000, backbone=4),
+        runtime=240,
+        gpu=1,
     params:
         evaluate=section("evaluate"),
         protocols=section("protocols"),

@@ -12,8 +12,12 @@ rule embed:
     log:
         "logs/{profile}/embed.log",
     conda:
-        "../envs/gram.yaml"
-    threads: workflow.cores
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(4000, backbone=4),
+        runtime=720,
+        gpu=1,
     params:
         embed=section("embed"),
         corpus=section("data", "vendors", "meta"),
@@ -40,8 +44,12 @@ rule cluster:
     log:
         "logs/{profile}/cluster.log",
     conda:
-        "../envs/gram.yaml"
-    threads: workflow.cores
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(4000, embed=3),
+        runtime=240,
+        gpu=1,
     params:
         cluster=section("cluster"),
         corpus=section("data", "vendors", "meta"),
@@ -59,7 +67,11 @@ rule tasks:
     log:
         "logs/{profile}/tasks.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/cpu.yaml"
+    threads: 1
+    resources:
+        mem_mb=memory(2000, chc=2),
+        runtime=60,
     params:
         tasks=section("tasks"),
     shell:
@@ -76,7 +88,11 @@ rule prototypes:
     log:
         "logs/{profile}/prototypes.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/cpu.yaml"
+    threads: 1
+    resources:
+        mem_mb=memory(2000, embed=2),
+        runtime=60,
     params:
         prototypes=section("prototypes"),
         corpus=section("data", "vendors", "meta"),

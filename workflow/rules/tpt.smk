@@ -14,6 +14,7 @@ rule tpt:
             "data",
             "io.py",
             "meta.py",
+            "distributed.py",
             "regulator.py",
         ),
         datasets="data/{profile}/datasets",
@@ -26,7 +27,12 @@ rule tpt:
     log:
         "logs/{profile}/tpt/{dataset}/{method}/s{seed}.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(8000, backbone=4),
+        runtime=720,
+        gpu=1,
     params:
         tpt=section("tpt"),
         device=section("backbone", "device"),
@@ -41,11 +47,25 @@ rule tpt_report:
         sources("report.py", "io.py"),
         runs=tpt_files,
     output:
-        multiext("results/{profile}/test_time", ".md", ".csv", ".png"),
+        md="results/{profile}/test_time.md",
+        csv=report(
+            "results/{profile}/test_time.csv",
+            caption="../report/test_time.rst",
+            category="Test-time tuning",
+        ),
+        png=report(
+            "results/{profile}/test_time.png",
+            caption="../report/test_time.rst",
+            category="Test-time tuning",
+        ),
     log:
         "logs/{profile}/tpt-report.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/cpu.yaml"
+    threads: 1
+    resources:
+        mem_mb=memory(2000),
+        runtime=30,
     params:
         grid=config["grid"]["tpt"],
         seeds=config["grid"]["seeds"],

@@ -14,6 +14,7 @@ rule few_shot:
             "data",
             "io.py",
             "meta.py",
+            "distributed.py",
             "regulator.py",
         ),
         datasets="data/{profile}/datasets",
@@ -26,7 +27,12 @@ rule few_shot:
     log:
         "logs/{profile}/few-shot/{dataset}/{method}/k{shots}-s{seed}.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(4000, backbone=4),
+        runtime=240,
+        gpu=1,
     params:
         method=method_params,
         protocols=section("protocols"),
@@ -47,6 +53,7 @@ rule base_to_new:
             "data",
             "io.py",
             "meta.py",
+            "distributed.py",
             "regulator.py",
         ),
         datasets="data/{profile}/datasets",
@@ -58,7 +65,12 @@ rule base_to_new:
     log:
         "logs/{profile}/base-to-new/{dataset}/{method}/k{shots}-s{seed}.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(4000, backbone=4),
+        runtime=240,
+        gpu=1,
     params:
         method=method_params,
         protocols=section("protocols"),
@@ -79,6 +91,7 @@ rule transfer:
             "data",
             "io.py",
             "meta.py",
+            "distributed.py",
             "regulator.py",
         ),
         datasets="data/{profile}/datasets",
@@ -92,7 +105,12 @@ rule transfer:
     wildcard_constraints:
         protocol="cross-dataset|domain-generalisation",
     conda:
-        "../envs/gram.yaml"
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(4000, backbone=4),
+        runtime=240,
+        gpu=1,
     params:
         method=method_params,
         protocols=section("protocols"),
@@ -106,6 +124,7 @@ rule meta:
     input:
         sources(
             "meta.py",
+            "distributed.py",
             "regulator.py",
             "tune.py",
             "evaluate.py",
@@ -128,7 +147,12 @@ rule meta:
     log:
         "logs/{profile}/meta-{recipe}.log",
     conda:
-        "../envs/gram.yaml"
+        "../envs/gpu.yaml"
+    threads: 4
+    resources:
+        mem_mb=memory(8000, backbone=4, chc=1),
+        runtime=1440,
+        gpu=1,
     params:
         recipe=meta_params,
         device=section("backbone", "device"),
