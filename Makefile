@@ -32,7 +32,7 @@ demo: $(STAMP)
 	  results/emoji/cross_dataset.md results/emoji/domain_generalisation.md
 
 test: $(STAMP)
-	source $(BIN)/activate && HF_HUB_OFFLINE=1 python -m pytest -q
+	source $(BIN)/activate && HF_HUB_OFFLINE=1 python -m pytest -q --durations=12
 
 lint: $(STAMP)
 	source $(BIN)/activate && snakemake --lint --cores 1 && snakefmt --check Snakefile workflow/rules && dvc dag

@@ -29,6 +29,7 @@ STAGES = {
     "report": ("gram.report", "render the result tables and plots"),
     "tpt-report": ("gram.report:main_tpt", "render the test-time table of grid.tpt"),
     "schema": ("gram.schema", "write the JSON schema of params.yaml (for Snakemake)"),
+    "check-data": ("gram.data.check", "check that the paper profile's datasets are in place and readable"),
 }
 
 
