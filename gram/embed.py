@@ -2,23 +2,33 @@
 
 `embed_shards(bb, shards, out_dir)` writes, for every webdataset shard `<name>.tar`, the file
 `<out_dir>/<name>.safetensors` holding `image` [N, E] and `text` [N, E] (L2-normalised, float32;
-row i of both belongs to the same image-text pair) and, in its metadata, the sample keys and a
-fingerprint of the inputs (the shard's SHA-256 and the backbone's). A file whose fingerprint matches
-is kept, so a rerun after an interruption computes only the missing or stale shards; each file is
-written atomically, so an interruption never leaves a truncated one.
+row i of both belongs to the same image-text pair) and, in its metadata, the sample keys, a
+fingerprint of the inputs (the shard's SHA-256, or its URL for a remote shard, and the backbone's)
+and, if any sample was skipped, `skipped`: counts by reason. A file whose fingerprint matches is
+kept, so a rerun after an interruption computes only the missing or stale shards; each file is
+written atomically, so an interruption never leaves a truncated one. `shards` may be paths, brace
+patterns or URLs (`gram.data.shards.expand_shards`).
 
-Input pipeline: an input thread reads the shards in order and has a pool of `workers` threads decode,
-resize and centre-crop each image exactly as the backbone's preprocessing does (PIL decoding and
-torch's resampling release the GIL), queueing batches of `batch_size` pixels (any image size: each
-image is resized on its own) up to `prefetch` batches ahead. The main thread only moves a batch to
-the device, normalises it there and runs the encoders, so decoding and resizing stay off its path;
-the record gives the seconds it waited for input (`wait_s`) against the seconds it encoded.
+Unusable samples (no image, no caption, an image that does not decode) are skipped and counted per
+shard (`gram.data.shards.ShardPairs`): their keys are absent from the file, so every later stage sees
+the same keys. A shard that cannot be read as a whole stops the run with a `ShardError` naming it.
+
+Input pipeline: an input thread streams the shards in order and has a pool of `workers` threads
+decode, resize and centre-crop each image exactly as the backbone's preprocessing does (PIL decoding
+and torch's resampling release the GIL), queueing batches of `batch_size` pixels (any image size:
+each image is resized on its own) up to `prefetch` batches ahead, so at most a few batches of a
+shard are in memory. The main thread only moves a batch to the device, normalises it there and runs
+the encoders, so decoding and resizing stay off its path; the record gives the seconds it waited for
+input (`wait_s`) against the seconds it encoded.
 
 The stage (`gram embed`) embeds the shards of every corpus domain (emoji: `data.vendors.meta`) into a
 work cache beside its output (`<out parent>/.<out name>.cache/<domain>/`), which survives a failed or
 interrupted run (Snakemake and DVC delete a stage's declared outputs before they rerun it), then
 publishes the finished files into `<out>/<domain>/` as hard links (a copy where links are not
-possible) together with `<out>/embed.json` (counts, timings, input-boundness).
+possible) together with `<out>/embed.json` (counts, skips by domain, shard and reason, timings,
+input-boundness). When more than `embed.max_skip_fraction` of all samples were skipped, it publishes
+nothing and fails with a summary of the worst shards, keeping the cache, so a rerun (after fixing the
+shards or raising the threshold) computes only what is missing.
 
 `load_embeddings(out_dir)` concatenates the per-shard files in shard order: (keys, image, text).
 """
@@ -62,36 +72,68 @@ def backbone_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
-def read_shard(path: Path) -> list[tuple[str, bytes, str]]:
-    """(key, image bytes, caption) of every sample of one shard, undecoded, in order."""
-    from gram.data.shards import iter_samples
+def read_shard(url: str | Path):
+    """The usable (key, image bytes, caption) of one shard, undecoded, in order, as a stream whose
+    `skipped` counts the others by reason (`gram.data.shards.ShardPairs`)."""
+    from gram.data.shards import ShardPairs
 
-    out = []
-    for s in iter_samples([path]):
-        data = s.get("png", s.get("jpg"))
-        if data is None or "txt" not in s:
-            raise ValueError(f"{path}: sample {s['__key__']} lacks an image (png/jpg) or a caption (txt)")
-        out.append((s["__key__"], data, s["txt"].decode()))
-    return out
+    return ShardPairs(url)
 
 
-def _pixels(data: bytes, where: str, spec) -> torch.Tensor:
-    """One image: decode, resize and centre-crop as the backbone does (not yet normalised) -> [3, crop, crop]."""
+def _pixels(data: bytes, where: str, spec) -> torch.Tensor | None:
+    """One image: decode, resize and centre-crop as the backbone does (not yet normalised) -> [3, crop, crop];
+    None when the bytes do not decode."""
     from gram.backbone import preprocess
     from gram.data.shards import decode_rgb
 
-    return preprocess(torch.tensor(decode_rgb(data, where))[None], spec, normalize=False)[0]
+    try:
+        rgb = decode_rgb(data, where)
+    except ValueError:
+        return None
+    return preprocess(torch.tensor(rgb)[None], spec, normalize=False)[0]
+
+
+def _chunks(items, size: int):
+    """Lists of `size` consecutive items of an iterable (the last may be shorter)."""
+    chunk = []
+    for x in items:
+        chunk.append(x)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _decoded(pairs, spec, batch_size: int, pool: ThreadPoolExecutor):
+    """Lists of `batch_size` (key, pixels [3, crop, crop], caption) of a shard's pairs (the last may be
+    shorter), decoded on `pool`; a pair whose image does not decode is counted in `pairs.skipped` and
+    left out, and the batch is refilled from the next ones, so the kept pairs are batched (and encoded)
+    exactly as in a shard without the skipped ones."""
+    ready = []  # decoded pairs not yet handed on, in order
+    for chunk in _chunks(pairs, batch_size):
+        px = pool.map(lambda x: _pixels(x[1], f"{pairs.url}:{x[0]}", spec), chunk)
+        for (key, _, caption), p in zip(chunk, px):
+            if p is None:
+                pairs.skip(key, "undecodable")
+            else:
+                ready.append((key, p, caption))
+        while len(ready) >= batch_size:
+            yield ready[:batch_size]
+            ready = ready[batch_size:]
+    if ready:
+        yield ready
 
 
 _DONE = object()  # end of a shard in the input queue
 
 
-def _produce(todo: list[Path], spec, batch_size: int, workers: int, q: queue.Queue, stop: threading.Event,
+def _produce(todo: list[str], spec, batch_size: int, workers: int, q: queue.Queue, stop: threading.Event,
              pin: bool = False) -> None:
-    """Input thread: read every shard, decode and preprocess its images on `workers` threads, and queue
-    (shard index, keys, pixels [B, 3, crop, crop], captions, seconds) batches, then _DONE per shard;
-    `pin`: in page-locked memory, so the copy to a CUDA device can overlap. An exception is queued for
-    the consumer to raise."""
+    """Input thread: stream every shard, decode and preprocess its images on `workers` threads, and queue
+    (shard index, keys, pixels [B, 3, crop, crop], captions, seconds) batches, then (shard index, _DONE,
+    skip counts by reason) per shard; `pin`: in page-locked memory, so the copy to a CUDA device can
+    overlap. An exception is queued for the consumer to raise."""
     def put(item) -> bool:
         while not stop.is_set():
             try:
@@ -103,68 +145,111 @@ def _produce(todo: list[Path], spec, batch_size: int, workers: int, q: queue.Que
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for i, path in enumerate(todo):
+            for i, url in enumerate(todo):
                 t0 = time.perf_counter()
-                samples = read_shard(path)
-                for s in range(0, len(samples), batch_size):
-                    chunk = samples[s:s + batch_size]
-                    px = list(pool.map(lambda x: _pixels(x[1], f"{path}:{x[0]}", spec), chunk))
-                    px = torch.stack(px)
-                    item = (i, [k for k, _, _ in chunk], px.pin_memory() if pin else px, [c for _, _, c in chunk],
+                pairs = read_shard(url)
+                for batch in _decoded(pairs, spec, batch_size, pool):
+                    px = torch.stack([p for _, p, _ in batch])  # [B, 3, crop, crop]
+                    item = (i, [k for k, _, _ in batch], px.pin_memory() if pin else px, [c for _, _, c in batch],
                             time.perf_counter() - t0)
                     if not put(item):
                         return
                     t0 = time.perf_counter()
-                if not put((i, _DONE)):
+                if not put((i, _DONE, dict(pairs.skipped))):
                     return
     except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
         put(e)
 
 
-def _existing(out: Path, fingerprint: dict) -> bool:
-    """True when `out` exists and was computed from the same shard and backbone."""
+def _existing(out: Path, fingerprint: dict) -> dict | None:
+    """The metadata of `out` when it exists and was computed from the same shard and backbone, else None."""
     from gram.tensorio import load_tensors
 
     if not out.exists():
-        return False
+        return None
     try:
         _, meta = load_tensors(out, [])
     except Exception:  # a foreign or damaged file is recomputed, never trusted
-        return False
-    return meta.get("fingerprint") == fingerprint
+        return None
+    return meta if meta.get("fingerprint") == fingerprint else None
 
 
-def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: str | Path,
-                 batch_size: int = 256, workers: int = 2, prefetch: int = 4) -> dict:
+def _fingerprint(url: str, model: str) -> dict:
+    """What a shard's embeddings depend on: a local shard's bytes (SHA-256); a remote one is taken to be
+    immutable under its URL (reading it only to hash it would double the download)."""
+    from gram.data.shards import ShardError, is_local, local_path, shard_name
+
+    if not is_local(url):
+        return {"shard": shard_name(url), "url": url, "backbone": model}
+    try:
+        sha = file_sha256(local_path(url))
+    except OSError as e:
+        raise ShardError(f"{url}: cannot read the shard ({e.strerror or e})") from e
+    return {"shard": shard_name(url), "shard_sha256": sha, "backbone": model}
+
+
+def _dim(path: Path) -> int:
+    """Embedding size of a per-shard file, from its header (0 for a shard without pairs)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        shape = f.get_slice("image").get_shape()
+    return int(shape[1]) if shape[0] else 0
+
+
+def shard_stem(url: str) -> str:
+    """The per-shard file's stem for a shard address: `…/00012.tar` -> `00012`."""
+    from gram.data.shards import shard_name
+
+    return Path(shard_name(url)).stem
+
+
+def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_size: int = 256,
+                 workers: int = 2, prefetch: int = 4) -> dict:
     """Embed every shard into `<out_dir>/<shard stem>.safetensors`.
 
     Args:
         bb: a loaded `gram.backbone.Backbone`; model_dir: its directory (for the fingerprint).
+        shards: paths, URLs, brace patterns or a directory (`gram.data.shards.expand_shards`).
         workers: threads that decode and preprocess images; prefetch: batches queued ahead of the encoder.
     Returns:
         {"computed": [shard names], "kept": [shard names], "pairs": pairs embedded now,
-         "decode_s": seconds the worker spent reading and decoding, "encode_s": seconds of encoding and
-         writing, "wait_s": seconds the encoder waited for decoded input}.
+         "shards": {shard name: {"pairs": n, "skipped": {reason: n}}} of every shard, computed or kept,
+         "dim": embedding size (0 without pairs), "decode_s": seconds the worker spent reading and
+         decoding, "encode_s": seconds of encoding and writing, "wait_s": seconds the encoder waited for
+         decoded input}.
+    Raises:
+        ShardError naming a shard that cannot be read as a whole (the shards before it are kept).
     """
     from tqdm import tqdm
 
+    from gram.data.shards import SKIP_REASONS, expand_shards, shard_name
     from gram.tensorio import save_tensors
 
     out_dir = Path(out_dir)
-    stems = [Path(p).stem for p in shards]
+    urls = expand_shards(shards)
+    stems = [shard_stem(u) for u in urls]
     if len(set(stems)) != len(stems):
         raise ValueError(f"shards with the same name would share one output file in {out_dir}: "
                          "embed each shard directory into its own folder")
     model = backbone_fingerprint(model_dir)
-    todo, kept = [], []
-    for p in map(Path, shards):
-        fp = {"shard": p.name, "shard_sha256": file_sha256(p), "backbone": model}
-        (kept if _existing(out_dir / f"{p.stem}.safetensors", fp) else todo).append((p, fp))
-    if kept:
-        log.info("%d of %d shards already embedded with this backbone; computing %d", len(kept), len(shards),
-                 len(todo))
-    report = {"computed": [], "kept": [p.name for p, _ in kept], "pairs": 0, "decode_s": 0.0, "encode_s": 0.0,
+    report = {"computed": [], "kept": [], "pairs": 0, "shards": {}, "dim": 0, "decode_s": 0.0, "encode_s": 0.0,
               "wait_s": 0.0}
+    todo = []
+    for url, stem in zip(urls, stems):
+        fp = _fingerprint(url, model)
+        meta = _existing(out_dir / f"{stem}.safetensors", fp)
+        if meta is None:
+            todo.append((url, stem, fp))
+            continue
+        report["kept"].append(fp["shard"])
+        report["shards"][fp["shard"]] = {"pairs": len(meta["keys"]),
+                                         "skipped": {r: meta.get("skipped", {}).get(r, 0) for r in SKIP_REASONS}}
+        if meta["keys"] and not report["dim"]:
+            report["dim"] = _dim(out_dir / f"{stem}.safetensors")
+    if report["kept"]:
+        log.info("%d of %d shards already embedded with this backbone; computing %d", len(report["kept"]),
+                 len(urls), len(todo))
     if not todo:
         return report
     from gram.backbone import normalize_pixels
@@ -172,12 +257,12 @@ def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: s
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     producer = threading.Thread(target=_produce, daemon=True, name="embed-input",
-                                args=([p for p, _ in todo], bb.spec, batch_size, workers, q, stop,
+                                args=([u for u, _, _ in todo], bb.spec, batch_size, workers, q, stop,
                                       bb.device.type == "cuda"))
     producer.start()
     bar = tqdm(total=len(todo), desc=f"embed {out_dir.name}", unit="shard")
     try:
-        for path, fp in todo:
+        for _, stem, fp in todo:
             keys, imgs, txts = [], [], []
             while True:
                 t0 = time.perf_counter()
@@ -186,6 +271,7 @@ def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: s
                 if isinstance(item, BaseException):
                     raise item
                 if item[1] is _DONE:
+                    skipped = item[2]
                     break
                 _, k, px, captions, decode_s = item
                 t1 = time.perf_counter()
@@ -200,16 +286,21 @@ def embed_shards(bb, shards: list[str | Path], out_dir: str | Path, model_dir: s
             t1 = time.perf_counter()
             img = torch.cat(imgs) if keys else torch.zeros(0, 0)
             txt = torch.cat(txts) if keys else torch.zeros(0, 0)
-            save_tensors(out_dir / f"{path.stem}.safetensors", {"image": img, "text": txt},
-                         {"keys": keys, "fingerprint": fp})
+            meta = {"keys": keys, "fingerprint": fp}
+            if any(skipped.values()):  # a clean shard's file stays as it was before skips were counted
+                meta["skipped"] = {r: n for r, n in skipped.items() if n}
+            save_tensors(out_dir / f"{stem}.safetensors", {"image": img, "text": txt}, meta)
             report["encode_s"] += time.perf_counter() - t1
-            report["computed"].append(path.name)
+            report["computed"].append(fp["shard"])
+            report["shards"][fp["shard"]] = {"pairs": len(keys), "skipped": skipped}
             report["pairs"] += len(keys)
+            report["dim"] = report["dim"] or (int(img.shape[1]) if keys else 0)
             bar.update()
     finally:
         stop.set()
         bar.close()
         producer.join(timeout=5)
+    report["shards"] = {n: report["shards"][n] for n in map(shard_name, urls)}  # shard order
     return report
 
 
@@ -251,6 +342,52 @@ def corpus_dirs(data_dir: str | Path, domains: list[str]) -> dict[str, Path]:
     return dirs
 
 
+class TooManySkipped(RuntimeError):
+    """More of the corpus was skipped than `embed.max_skip_fraction` allows."""
+
+
+def skip_record(shards: dict[str, dict]) -> dict:
+    """Skips of one domain from `embed_shards`'s per-shard records: {"samples": read, "total": skipped,
+    "by_reason": {reason: n}, "by_shard": {shard: {reason: n}} (only shards with skips)}."""
+    from gram.data.shards import SKIP_REASONS
+
+    by_reason = {r: sum(rec["skipped"][r] for rec in shards.values()) for r in SKIP_REASONS}
+    total = sum(by_reason.values())
+    return {"samples": sum(rec["pairs"] for rec in shards.values()) + total, "total": total,
+            "by_reason": by_reason,
+            "by_shard": {name: {r: n for r, n in rec["skipped"].items() if n}
+                         for name, rec in shards.items() if any(rec["skipped"].values())}}
+
+
+def check_skips(domains: dict[str, dict], max_fraction: float, where: str, worst: int = 5) -> dict:
+    """Totals of `skip_record`s over every domain; raises TooManySkipped with a summary (counts by reason,
+    the `worst` shards) when the skipped share of all samples read exceeds `max_fraction`."""
+    from gram.data.shards import SKIP_REASONS
+
+    samples = sum(d["samples"] for d in domains.values())
+    total = sum(d["total"] for d in domains.values())
+    by_reason = {r: sum(d["by_reason"][r] for d in domains.values()) for r in SKIP_REASONS}
+    fraction = total / samples if samples else 0.0
+    totals = {"samples": samples, "total": total, "fraction": round(fraction, 6), "max_fraction": max_fraction,
+              "by_reason": by_reason}
+    if fraction <= max_fraction:
+        return totals
+
+    def counts(c: dict) -> str:
+        return ", ".join(f"{r} {n}" for r, n in c.items() if n)
+
+    shards = sorted(((sum(c.values()), f"{d}/{name}", c) for d, rec in domains.items()
+                     for name, c in rec["by_shard"].items()), key=lambda x: (-x[0], x[1]))
+    lines = [f"  {name}: {n} skipped ({counts(c)})" for n, name, c in shards[:worst]]
+    if len(shards) > worst:
+        lines.append(f"  ... and {len(shards) - worst} more shards with skips")
+    raise TooManySkipped(
+        f"{total} of {samples} corpus samples ({fraction:.2%}) were skipped, more than embed.max_skip_fraction "
+        f"= {max_fraction} ({counts(by_reason)}); the shards with most skips:\n" + "\n".join(lines) +
+        f"\nNothing was published; the embedded shards stay in {where}, so a rerun after repairing or dropping "
+        "these shards (or raising max_skip_fraction) computes only what is missing.")
+
+
 def publish(files: list[Path], out_dir: Path) -> None:
     """Hard-link (or copy, across file systems) `files` into the fresh directory `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -263,9 +400,14 @@ def publish(files: list[Path], out_dir: Path) -> None:
 
 def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: str | Path,
         out: str | Path) -> dict:
-    """Embed the corpus of every domain; write `<out>/<domain>/*.safetensors` and `<out>/embed.json`."""
+    """Embed the corpus of every domain; write `<out>/<domain>/*.safetensors` and `<out>/embed.json`.
+
+    Raises:
+        TooManySkipped when more than `cfg.max_skip_fraction` of the samples were skipped (nothing is
+        published; the cache keeps every embedded shard); ShardError for a shard unreadable as a whole.
+    """
     from gram import backbone as B
-    from gram.data.shards import shard_paths
+    from gram.data.shards import expand_shards
     from gram.io import atomic_dir, write_json
 
     out = Path(out)
@@ -275,26 +417,30 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
     record = {"backbone": str(model_dir), "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."),
               "batch_size": cfg.batch_size, "workers": cfg.workers or os.cpu_count() or 1, "domains": {}}
     t0 = time.perf_counter()
+    stems, skips = {}, {}
     for domain, shard_dir in dirs.items():
-        shards = shard_paths(shard_dir)
+        shards = expand_shards(shard_dir)
+        stems[domain] = [shard_stem(u) for u in shards]
         rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size, cfg.workers or os.cpu_count() or 1)
-        keys, img, _ = load_embeddings(cache / domain, [f"{p.stem}.safetensors" for p in shards])
+        pairs = sum(r["pairs"] for r in rep["shards"].values())
+        skips[domain] = skip_record(rep["shards"])
         busy = rep["encode_s"] + rep["wait_s"]
         record["domains"][domain] = {
-            "shards": len(shards), "pairs": len(keys), "dim": int(img.shape[1]) if len(keys) else 0,
+            "shards": len(shards), "pairs": pairs, "dim": rep["dim"], "skipped": skips[domain],
             "computed": len(rep["computed"]), "kept": len(rep["kept"]),
             "decode_s": round(rep["decode_s"], 3), "encode_s": round(rep["encode_s"], 3),
             "wait_s": round(rep["wait_s"], 3),
             # share of the encoder's time spent waiting for input: ~0 means not input-bound
             "input_wait_fraction": round(rep["wait_s"] / busy, 4) if busy > 0 else 0.0,
             "pairs_per_s": round(rep["pairs"] / busy, 1) if busy > 0 else None}
-        log.info("%s: %d pairs in %d shards (%d computed, %d kept); decode %.1f s, encode %.1f s, waited %.1f s",
-                 domain, len(keys), len(shards), len(rep["computed"]), len(rep["kept"]), rep["decode_s"],
-                 rep["encode_s"], rep["wait_s"])
+        log.info("%s: %d pairs in %d shards (%d computed, %d kept), %d samples skipped; decode %.1f s, "
+                 "encode %.1f s, waited %.1f s", domain, pairs, len(shards), len(rep["computed"]), len(rep["kept"]),
+                 skips[domain]["total"], rep["decode_s"], rep["encode_s"], rep["wait_s"])
+    record["skipped"] = check_skips(skips, cfg.max_skip_fraction, str(cache))
     record["seconds"] = round(time.perf_counter() - t0, 1)
     with atomic_dir(out) as tmp:
-        for domain, shard_dir in dirs.items():
-            publish([cache / domain / f"{p.stem}.safetensors" for p in shard_paths(shard_dir)], tmp / domain)
+        for domain, names in stems.items():
+            publish([cache / domain / f"{n}.safetensors" for n in names], tmp / domain)
         write_json(tmp / "embed.json", record)
     return record
 
