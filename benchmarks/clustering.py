@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram
 
 from gram import cluster  # noqa: E402
 from gram.io import write_json  # noqa: E402
+from benchenv import read_peak, reset_peak  # noqa: E402
 
 DIM, CHUNK, GIB = 512, 65536, 2.0 ** 30
 PROBED = ("kmeans", "_seed_pp", "_assign", "_means", "ward_linkage", "cut")
@@ -66,29 +65,6 @@ def clock(fn, device: torch.device):
     wait()
     return time.perf_counter() - t0, out
 
-
-def reset_peak(device: torch.device) -> dict:
-    """Hand freed heap back to the OS (glibc malloc_trim: otherwise blocks freed by earlier stages hide a
-    stage's growth), restart the peak-RSS mark ("5" into /proc/self/clear_refs; getrusage follows it)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return {"rss_before_gib": round(rss / GIB, 3), "peak_reset": True}
-    except OSError:
-        return {"peak_reset": False}  # the peak is then the process's whole lifetime so far
-
-
-def peak(device: torch.device, mark: dict) -> dict:
-    out = dict(mark, peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3))
-    if device.type == "cuda":
-        out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
-    return out
 
 
 def environment(device: torch.device) -> dict:
@@ -156,7 +132,7 @@ def run_centroid(n: int, args, device: torch.device) -> tuple[dict, torch.Tensor
         total_s, h = clock(lambda: cluster.hierarchy(zd, args.fine_k, args.levels, seed=args.seed, iters=args.iters,
                                                      device=device, batch_size=args.batch_size,
                                                      seed_sample=args.seed_sample), device)
-    mem = peak(device, mark)
+    mem = read_peak(device, mark)
     passes, seed_s, kmeans_s, ward_s = len(c["_assign"]), c["_seed_pp"][0], c["kmeans"][0], c["ward_linkage"][0]
     level = 1 if args.levels else 0
     mark = reset_peak(device)
@@ -168,7 +144,7 @@ def run_centroid(n: int, args, device: torch.device) -> tuple[dict, torch.Tensor
            "assign_median_s": statistics.median(c["_assign"]), "means_median_s": statistics.median(c["_means"]),
            "ward_s": ward_s, "cut_s": sum(c["cut"]), "rest_s": total_s - kmeans_s - ward_s,
            "level_sizes": h.sizes, "complexity_level": level, "complexity_s": cx_s,
-           "memory_hierarchy": mem, "memory_complexity": peak(device, mark), "loadavg_after": os.getloadavg()}
+           "memory_hierarchy": mem, "memory_complexity": read_peak(device, mark), "loadavg_after": os.getloadavg()}
     return rec, z, c["kmeans_out"]
 
 
@@ -207,7 +183,7 @@ def run_exact(args, device: torch.device) -> dict:
     for n in args.exact_sizes:
         mark = reset_peak(device)
         s, _ = clock(lambda: linkage(x[:n], method="ward"), CPU)
-        runs.append({"n": n, "s": s, "condensed_gib": n * (n - 1) / 2 * 8 / GIB, **peak(device, mark),
+        runs.append({"n": n, "s": s, "condensed_gib": n * (n - 1) / 2 * 8 / GIB, **read_peak(device, mark),
                      "loadavg_after": os.getloadavg()})
         print(f"exact Ward n={n}: {s:.2f} s", file=sys.stderr, flush=True)
     out = {"call": 'scipy.cluster.hierarchy.linkage(x, method="ward") on float64', "runs": runs}

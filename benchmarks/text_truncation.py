@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -57,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram` importable
     sys.path.insert(0, str(ROOT))
 
-from benchenv import device_and_dtype, device_name  # noqa: E402
+from benchenv import base_environment, device_and_dtype, sync  # noqa: E402
 from gram.io import write_json  # noqa: E402
 from gram.prompts.encoders import encode_text_embeds  # noqa: E402
 
@@ -92,24 +91,8 @@ class Case:
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    env = {
-        "device": str(device),
-        "device_name": device_name(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-    if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
-    return env
+    return dict(base_environment(device, dtype), transformers=transformers.__version__)
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import hashlib
 import math
 import os
@@ -80,7 +79,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from anywhere: make `gram
     sys.path.insert(0, str(ROOT))
 
 from gram.config import TptParams  # noqa: E402
-from benchenv import device_and_dtype, device_name  # noqa: E402
+from benchenv import base_environment, device_and_dtype, read_peak, reset_peak, sync  # noqa: E402
 from gram.io import write_json  # noqa: E402
 
 GIB = 1024 ** 3
@@ -109,30 +108,15 @@ SAVED_PER_TOKEN_LAYER = 20
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
-    env = {
-        "device": str(device),
-        "device_name": device_name(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "memory_available_gib": round(available_bytes(torch.device("cpu")) / GIB, 2),
-        # which version of the code under test ran (it changes while the repository is worked on)
-        "gram_tpt_sha256": hashlib.sha256((ROOT / "gram" / "tpt.py").read_bytes()).hexdigest(),
-    }
+    env = base_environment(device, dtype)
+    env.update(transformers=transformers.__version__, numpy=np.__version__, platform=platform.platform(),
+               memory_available_gib=round(available_bytes(torch.device("cpu")) / GIB, 2),
+               # which version of the code under test ran (it changes while the repository is worked on)
+               gram_tpt_sha256=hashlib.sha256((ROOT / "gram" / "tpt.py").read_bytes()).hexdigest())
     if device.type == "cuda":
-        env["cuda"] = torch.version.cuda
         env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / GIB, 2)
     return env
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
@@ -164,40 +148,7 @@ def available_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def _vm_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
-
-def reset_peak(device: torch.device) -> dict:
-    """Return freed heap to the OS (glibc malloc_trim) and restart the peak marks: the process's peak RSS
-    (writing 5 to /proc/self/clear_refs resets VmHWM) and, on CUDA, torch's peak allocation."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        reset = True
-    except OSError:
-        reset = False  # the peak is then that of the whole process so far
-    rss = _vm_kib("VmRSS")
-    return {"rss_before_gib": None if rss is None else round(rss / 1024 ** 2, 3), "peak_reset": reset}
-
-
-def read_peak(device: torch.device, mark: dict) -> dict:
-    hwm = _vm_kib("VmHWM")
-    out = dict(mark, peak_rss_gib=None if hwm is None else round(hwm / 1024 ** 2, 3))
-    if device.type == "cuda":
-        out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / GIB, 3)
-    return out
 
 
 @contextlib.contextmanager
