@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[workflow,dev,slurm]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[workflow,dev,slurm,corpus]"
+	$(BIN)/pip install -q -c constraints.txt --no-deps img2dataset
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -30,6 +30,8 @@ STAGES = {
     "tpt-report": ("gram.report:main_tpt", "render the test-time table of grid.tpt"),
     "schema": ("gram.schema", "write the JSON schema of params.yaml (for Snakemake)"),
     "check-data": ("gram.data.check", "check that the paper profile's datasets are in place and readable"),
+    "fetch-data": ("gram.data.fetch", "download one paper-profile dataset into CoOp's layout (checksummed)"),
+    "img2dataset": ("gram.data.img2dataset", "build the corpus shards from a caption/URL table (opt-in, resumable)"),
 }
 
 

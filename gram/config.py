@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-PROFILES = ("emoji", "paper", "tiny")
+PROFILES = ("emoji", "paper", "tiny", "paper_smoke")
 
 
 class ConfigError(ValueError):
@@ -77,8 +77,39 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class DatasetParams:
-    level: Literal["subgroup", "group"] = _f("subgroup", help="Unicode level that defines the classes")
-    min_per_class: int = _f(1, help="drop classes with fewer emojis than this", min=1)
+    level: Literal["subgroup", "group"] = _f("subgroup", help="emoji: Unicode level that defines the classes")
+    min_per_class: int = _f(1, help="emoji: drop classes with fewer emojis than this", min=1)
+    shifts: list[str] = _f(factory=list, help="paper: test sets of the same classes scored as further domains "
+                                              "of this dataset (imagenet: imagenet_v2, imagenet_sketch, "
+                                              "imagenet_a, imagenet_r)")
+
+
+@dataclass(frozen=True)
+class Img2DatasetParams:
+    enabled: bool = _f(False, help="opt in: build the corpus shards with img2dataset from `url_list` "
+                                   "(otherwise data.paper.corpus names existing shards)")
+    url_list: str = _f("", help="the caption/URL table, e.g. CC3M's Train_GCC-training.tsv")
+    input_format: Literal["tsv", "csv", "parquet", "txt", "json", "jsonl"] = _f("tsv", help="format of url_list")
+    url_col: str = _f("url", help="column of the image URL")
+    caption_col: str = _f("caption", help="column of the caption")
+    image_size: int = _f(256, help="img2dataset image_size (resize_mode keep_ratio)", min=32)
+    processes: int = _f(16, help="img2dataset processes_count", min=1)
+    threads: int = _f(64, help="img2dataset thread_count", min=1)
+    samples_per_shard: int = _f(10000, help="img2dataset number_sample_per_shard", min=1)
+    output: str = _f("data/paper/corpus/cc3m", help="folder the shards are written to")
+    domain: str = _f("cc3m", help="corpus domain the shards become (a name in data.vendors.meta)")
+
+
+@dataclass(frozen=True)
+class PaperDataParams:
+    root: str = _f("data/paper/fewshot", help="folder of the classification datasets in CoOp's DATASETS.md "
+                                             "layout (CoOp's $DATA)")
+    fetch: bool = _f(True, help="fetch a missing dataset from its official source when it has one (checksum "
+                                "verified); false: only check what is there")
+    corpus: dict[str, Union[str, list[str]]] = _f(
+        factory=dict, help="corpus domain -> its image-text shards: a brace pattern, folder, URL or list "
+                           "(e.g. cc3m: /data/cc3m/{00000..00331}.tar)")
+    img2dataset: Img2DatasetParams = _f(factory=Img2DatasetParams, help="opt-in corpus download")
 
 
 @dataclass(frozen=True)
@@ -88,8 +119,10 @@ class DataParams:
     vendors: VendorParams = _f(factory=VendorParams, help="roles of the vendors (domains)")
     subset: SubsetParams = _f(factory=SubsetParams, help="restrict the emoji set (tests, quick runs)")
     split: SplitParams = _f(factory=SplitParams, help="train/val/test and base/new splits")
-    datasets: dict[str, DatasetParams] = _f(factory=dict, help="classification datasets to build")
+    datasets: dict[str, DatasetParams] = _f(factory=dict, help="classification datasets to build (paper: "
+                                                                "names of gram.data.fewshot.SPECS)")
     shard_size: int = _f(1000, help="samples per webdataset shard", min=1)
+    paper: PaperDataParams = _f(factory=PaperDataParams, help="source paper: where datasets and corpus live")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +192,7 @@ class BackboneParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     datasets: list[str] = _f(factory=list, help="classification datasets to evaluate (keys of data.datasets)")
-    domains: list[str] = _f(factory=list, help="domains (vendors) to evaluate on")
+    domains: list[str] = _f(factory=list, help="domains (vendors) to evaluate on (empty: every domain of each dataset)")
     split: Literal["train", "val", "test"] = _f("test", help="split that is scored")
     template: str = _f("a {} emoji.", help="prompt of the single-template zero-shot method")
     ensemble: list[str] = _f(factory=list, help="prompts averaged by the template-ensemble method")
@@ -340,7 +373,8 @@ class TptMethodParams:
 
 @dataclass(frozen=True)
 class TptParams:
-    domains: list[str] = _f(factory=list, help="domains whose split is tuned on, image by image, and scored")
+    domains: list[str] = _f(factory=list, help="domains whose split is tuned on, image by image, and scored (empty: "
+                                               "every domain of the dataset)")
     split: Literal["val", "test"] = _f("test", help="the scored split")
     views: int = _f(64, help="views per test image: the image itself and views - 1 augmented ones", min=1)
     keep: float = _f(0.1, help="fraction of views with the lowest prediction entropy that the loss uses "
@@ -372,6 +406,7 @@ class ProfileParams:
     prototypes: PrototypeParams = _f(factory=PrototypeParams, help="prototypes stage: multi-level prototypes")
     meta: dict[str, MetaParams] = _f(factory=dict, help="meta-training recipes by name (grid.meta picks the run ones)")
     tpt: TptParams = _f(factory=lambda: TptParams(), help="test-time prompt tuning (gram/tpt.py)")
+    grid: Optional["GridParams"] = _f(None, help="this profile's own fan-out (paper); null: the top-level grid")
 
 
 @dataclass(frozen=True)
@@ -431,15 +466,21 @@ class GridParams:
 
 @dataclass(frozen=True)
 class Params:
-    profile: Literal["emoji", "paper", "tiny"] = _f("emoji", help="active profile")
+    profile: Literal["emoji", "paper", "tiny", "paper_smoke"] = _f("emoji", help="active profile")
     grid: GridParams = _f(factory=GridParams, help="evaluation fan-out shared by all profiles")
     emoji: ProfileParams = _f(factory=ProfileParams, help="laptop-sized emoji world")
     paper: ProfileParams = _f(factory=ProfileParams, help="the paper's setup (real CLIP, CC3M, 11 datasets)")
     tiny: ProfileParams = _f(factory=ProfileParams, help="seconds-sized profile for tests")
+    paper_smoke: ProfileParams = _f(factory=ProfileParams, help="the paper profile's code path on tiny fake data "
+                                                                "(tests/fake_paper.py), for CI")
 
     def active(self, profile: str | None = None) -> ProfileParams:
         """The section of `profile` (default: the `profile:` key)."""
         return getattr(self, profile or self.profile)
+
+    def grid_of(self, profile: str | None = None) -> GridParams:
+        """The fan-out of `profile`: its own `grid` when it has one, else the top-level `grid`."""
+        return self.active(profile).grid or self.grid
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,6 +682,12 @@ def _check(obj: Any, prefix: str, where: str) -> None:
             if extra:
                 raise err(f"tpt.domains names {extra}, which data.npm.images does not define")
     if isinstance(obj, Params):
+        own = obj.active().grid
+        if own is not None and own != obj.grid:
+            raise ConfigError(f"{where}: `grid` differs from `{obj.profile}.grid`, the active profile's own grid: "
+                              f"dvc.yaml expands the top-level `grid`, so with `profile: {obj.profile}` write "
+                              f"`grid: *grid_{obj.profile}` (Snakemake's --config profile={obj.profile} picks it "
+                              "by itself)")
         check_grid(obj, obj.profile, where)
 
 
@@ -781,6 +828,9 @@ def load(path: str | Path = "params.yaml", profile: str | None = None) -> tuple[
     params = from_dict(read_yaml(path), str(path))
     if profile is not None and profile not in PROFILES:
         raise ConfigError(f"{path}: unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+    if profile is not None and profile != params.profile and params.active(profile).grid is not None:
+        params = dataclasses.replace(params, grid=params.grid_of(profile))  # as Snakemake's --config profile=
+        check_grid(params, profile, str(path))
     return params, params.active(profile)
 
 

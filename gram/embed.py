@@ -331,15 +331,13 @@ def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tupl
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
-def corpus_dirs(data_dir: str | Path, domains: list[str]) -> dict[str, Path]:
-    """Shard directory of every corpus domain (`<data_dir>/shards/<domain>`); errors name what is missing."""
+def corpus_dirs(data_dir: str | Path, domains: list[str]) -> dict[str, list[str]]:
+    """Shards of every corpus domain (`gram.data.shards.corpus_shards`); errors name what is missing."""
+    from gram.data.shards import corpus_shards
+
     if not domains:
         raise ValueError("data.vendors.meta is empty: there is no meta-training corpus to embed")
-    dirs = {d: Path(data_dir) / "shards" / d for d in domains}
-    for d, path in dirs.items():
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: no shards of corpus domain {d!r} (did the download stage run?)")
-    return dirs
+    return {d: corpus_shards(data_dir, d) for d in domains}
 
 
 class TooManySkipped(RuntimeError):
@@ -407,7 +405,6 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
         published; the cache keeps every embedded shard); ShardError for a shard unreadable as a whole.
     """
     from gram import backbone as B
-    from gram.data.shards import expand_shards
     from gram.io import atomic_dir, write_json
 
     out = Path(out)
@@ -418,8 +415,7 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
               "batch_size": cfg.batch_size, "workers": cfg.workers or os.cpu_count() or 1, "domains": {}}
     t0 = time.perf_counter()
     stems, skips = {}, {}
-    for domain, shard_dir in dirs.items():
-        shards = expand_shards(shard_dir)
+    for domain, shards in dirs.items():
         stems[domain] = [shard_stem(u) for u in shards]
         rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size, cfg.workers or os.cpu_count() or 1)
         pairs = sum(r["pairs"] for r in rep["shards"].values())

@@ -105,14 +105,21 @@ def score_split(clf, sp, class_ids: list[int], exclude: set[str] = frozenset()) 
     return {**out, "applicable": True, **scores(pred, labels, len(class_ids))}
 
 
-def score_protocol(clf, protocol: str, dataset: str, data_dir: Path, pc, exclude: set[str] = frozenset()) -> dict:
+def score_protocol(clf, protocol: str, dataset: str, data_dir: Path, pc, exclude: set[str] = frozenset(),
+                   size: int | None = None) -> dict:
     """Score a (tuned or zero-shot) classifier under one protocol; returns {"results": [...], "summary": {...}}.
 
     Args:
-        pc: the profile's `ProtocolParams`; exclude: keys of the tuning subset (cross-dataset only).
+        pc: the profile's `ProtocolParams`; exclude: keys of the tuning subset (cross-dataset only);
+        size: the backbone's image size (the paper profile decodes its datasets at it).
+    A target domain holding a subset of the classes (ImageNet-A/-R) is scored among that subset only.
     """
-    from gram.data import load_dataset, split_images
+    from functools import partial
 
+    from gram.data import load_dataset
+    from gram.data import split_images as load
+
+    split_images = partial(load, size=size)
     ds = load_dataset(data_dir, dataset)
     everything = list(range(len(ds["classes"])))
     results = []
@@ -129,8 +136,8 @@ def score_protocol(clf, protocol: str, dataset: str, data_dir: Path, pc, exclude
             results.append({"target": target, **score_split(clf, sp, list(range(len(sp.classes))), exclude)})
     elif protocol == "domain-generalisation":
         for target in pc.domain_generalisation:
-            results.append({"target": target,
-                            **score_split(clf, split_images(data_dir, dataset, target, pc.split), everything)})
+            sp = split_images(data_dir, dataset, target, pc.split)
+            results.append({"target": target, **score_split(clf, sp, sp.class_subset or everything)})
     else:
         raise ValueError(f"unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
     return {"results": results, "summary": summarise(protocol, results)}
@@ -155,7 +162,7 @@ def evaluate_one(bb, cfg: EvaluateParams, method: str, data_dir: Path, dataset: 
     from gram.data import split_images
 
     t0 = time.time()
-    sp = split_images(data_dir, dataset, domain, cfg.split)
+    sp = split_images(data_dir, dataset, domain, cfg.split, size=bb.spec.size).restricted()
     templates = [cfg.template] if method == "zeroshot" else list(cfg.ensemble)
     if not templates:
         raise ValueError(f"method {method}: evaluate.ensemble is empty")
@@ -187,6 +194,7 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
     """Score `method` on every configured (dataset, domain) into `<out>/<dataset>/<domain>.json`, and
     under every protocol of `grid` into `<out>/protocols/<protocol>/<dataset>.json`."""
     from gram.backbone import load
+    from gram.data import dataset_domains
     from gram.io import atomic_dir
 
     if method not in METHODS:
@@ -196,7 +204,7 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
     templates = [cfg.template] if method == "zeroshot" else list(cfg.ensemble)
     with atomic_dir(out) as tmp:
         for dataset in cfg.datasets:
-            for domain in cfg.domains:
+            for domain in dataset_domains(data_dir, dataset, cfg.domains):
                 r = evaluate_one(bb, cfg, method, Path(data_dir), dataset, domain)
                 write_json(tmp / dataset / f"{domain}.json", r)
                 results.append(r)
@@ -206,7 +214,7 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
                 t0 = time.time()
                 r = {"protocol": protocol, "dataset": dataset, "domain": protocols.domain, "method": method,
                      "kind": "zero-shot", "shots": 0, "seed": None, "subset_hash": None,
-                     **score_protocol(clf, protocol, dataset, Path(data_dir), protocols),
+                     **score_protocol(clf, protocol, dataset, Path(data_dir), protocols, size=bb.spec.size),
                      "config": {"templates": templates, "protocols": to_dict(protocols)},
                      "wall_time_s": round(time.time() - t0, 3)}
                 write_json(tmp / "protocols" / protocol / f"{dataset}.json", r)

@@ -20,6 +20,12 @@ loop meta-learns text, visual or both prompts. The meta-regulariser [sibling] (�
 form "mix" only) pulls the gate c towards half the domain similarity of the two clusters plus half
 the agreement of the query gradient at θ' with the regulated support gradient.
 
+The corpus (`load_corpus`) holds only what the tasks' pairs need: their captions and frozen image
+features [N, E] (encoded once, in batches), and `Corpus.pixels`, a `LazyPixels` that reads and decodes
+a set's images when a loss asks for them. A local tar shard is indexed from its headers, so a used row
+costs its location (about 30 bytes) and one seek per read; a shard addressed by URL, `pipe:` or s3://
+(or compressed) cannot be sought, so the encoded images of its used rows stay in memory.
+
 On CUDA the losses run under bf16 autocast (ψ stays fp32); on the CPU in fp32. A checkpoint (θ, φ,
 the optimiser, the history) is written every `checkpoint_every` steps to `.<out>.ckpt/` beside the
 output and resumed when the parameters and inputs are the same; the task order is a function of
@@ -48,7 +54,10 @@ import functools
 import logging
 import os
 import sys
+import tarfile
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,57 +84,254 @@ META = "meta.safetensors"
 class Corpus:
     """The pairs of the hierarchy rows, in row order.
 
-    pixels: preprocessed images [N, 3, crop, crop] (rows no task uses are zero); frozen: the frozen
-    backbone's L2-normalised image features [N, E] (the task context h, and the image side of the
-    loss when θ has no visual part); captions: N strings."""
+    pixels: the preprocessed images [N, 3, crop, crop] as `pixels[rows]` (a `LazyPixels`, which decodes
+    the rows it is asked for; tests may pass a tensor); frozen: the frozen backbone's L2-normalised image
+    features [N, E] (the task context h, and the image side of the loss when θ has no visual part);
+    captions: N strings. Rows no task uses have zero features and an empty caption, and `pixels` refuses them."""
 
     keys: list[str]
     captions: list[str]
-    pixels: torch.Tensor
+    pixels: LazyPixels | torch.Tensor
     frozen: torch.Tensor
 
 
-def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, batch_size: int = 256) -> Corpus:
-    """Read the pairs `keys` (hierarchy order, `<domain>/<key>`) from `<data_dir>/shards/<domain>/*.tar`;
-    only `rows` are decoded. Holds the decoded images in memory (fine for the emoji corpus; the paper
-    corpus needs a streaming reader, see README)."""
-    from gram.backbone import preprocess
-    from gram.data.shards import decode_rgb, shard_paths
+def read_member(path: str, offset: int, size: int) -> bytes:
+    """The `size` bytes at `offset` of a local file (a tar member's data, located by `index_tar`).
+
+    Raises:
+        ShardError naming the shard when the file ends before them (it changed since it was indexed).
+    """
+    from gram.data.shards import ShardError
+
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) != size:
+        raise ShardError(f"{path}: {size} bytes at offset {offset} are past the end of the shard (did it change "
+                         f"since the meta stage indexed it?)")
+    return data
+
+
+def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The samples of a local uncompressed tar shard, from its headers alone (tarfile seeks past the data):
+    (key, {lower-case extension: (offset of the member's data, its size)}), in shard order, grouped as
+    `gram.data.shards.iter_shard` groups them (consecutive members of one key; no `__x__` or non-file members).
+
+    Raises:
+        tarfile.ReadError when the file is no uncompressed tar (a compressed shard cannot be sought: read it
+        as a stream); ShardError naming the shard when it is truncated or a sample repeats a member.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    from gram.data.shards import ShardError, _ended_cleanly
+
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    with tarfile.open(path, mode="r:") as tar:
+        end = os.fstat(tar.fileobj.fileno()).st_size
+        while (info := tar.next()) is not None:
+            tar.members = []  # the index below is all that is kept
+            if not info.isreg():
+                continue
+            key, ext = base_plus_ext(info.name)
+            base = info.name.rsplit("/", 1)[-1]
+            if key is None or (base.startswith("__") and base.endswith("__")):
+                continue
+            if info.offset_data + info.size > end:
+                raise ShardError(f"{path}: the shard is truncated (member {info.name} ends past the file, after "
+                                 f"{len(samples)} samples)")
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            members = samples[-1][1]
+            if ext.lower() in members:
+                raise ShardError(f"{path}: sample {key} has two `{ext.lower()}` members (after {len(samples) - 1} "
+                                 "samples)")
+            members[ext.lower()] = (info.offset_data, info.size)
+        if not _ended_cleanly(tar):
+            raise ShardError(f"{path}: the shard is truncated or damaged after {len(samples)} samples (no "
+                             "end-of-archive marker where its last member ends)")
+    return samples
+
+
+class LazyPixels:
+    """`pixels[rows]` -> the preprocessed images [len(rows), 3, crop, crop] (float32, CPU), read and decoded on
+    demand: exactly `gram.backbone.preprocess(decoded uint8 images of rows, spec)`, whatever the rows (repeats
+    too), the order and the mix of image sizes.
+
+    A row of a local tar shard is its location (shard, data offset, size, extension; about 30 bytes a row,
+    in numpy arrays) and is read with one seek (`read_member`). A row of a shard that cannot be sought (an
+    http(s)://, pipe:, s3:// … address or a compressed tar) keeps its encoded image bytes in memory, as
+    the streamed shard cannot be reopened at a position (CC3M at 256 px: some 10-20 kB a row). The last
+    `cache_rows` preprocessed rows are kept (an inner loop re-reads its support set every step); misses
+    are decoded on `workers` threads.
+    """
+
+    def __init__(self, spec, keys: list[str], shards: list[str], local: dict[int, tuple[int, int, int, str]],
+                 raw: dict[int, tuple[int, bytes]], cache_rows: int = 256, workers: int = 0):
+        """`local`: row -> (index in `shards`, offset, size, extension); `raw`: row -> (index in `shards`,
+        image bytes). A row in neither is refused."""
+        self.spec, self.keys, self.shards = spec, keys, list(shards)
+        self.exts = sorted({e for _, _, _, e in local.values()})
+        rows = np.array(sorted(local), dtype=np.int64)
+        self._rows = rows  # sorted, for searchsorted
+        self._shard = np.array([local[r][0] for r in rows], dtype=np.int32)
+        self._offset = np.array([local[r][1] for r in rows], dtype=np.int64)
+        self._size = np.array([local[r][2] for r in rows], dtype=np.int64)
+        self._ext = np.array([self.exts.index(local[r][3]) for r in rows], dtype=np.int8)
+        self._raw = dict(raw)
+        self.cache_rows = cache_rows
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return len(self.keys), 3, self.spec.crop, self.spec.crop
+
+    def location(self, row: int) -> tuple[str, int, int, str] | tuple[str, None, int, None]:
+        """(shard, data offset, size, extension) of a row; offset and extension are None for a row held in memory."""
+        j = int(np.searchsorted(self._rows, row))
+        if j < len(self._rows) and self._rows[j] == row:
+            return (self.shards[self._shard[j]], int(self._offset[j]), int(self._size[j]), self.exts[self._ext[j]])
+        if row in self._raw:
+            shard, data = self._raw[row]
+            return self.shards[shard], None, len(data), None
+        raise KeyError(f"row {row} ({self.keys[row] if 0 <= row < len(self.keys) else 'out of range'}) is used by "
+                       f"no task: the corpus holds only the rows of the tasks")
+
+    def read(self, row: int) -> bytes:
+        """The encoded image of one row."""
+        shard, offset, size, _ = self.location(row)
+        return self._raw[row][1] if offset is None else read_member(shard, offset, size)
+
+    def decode(self, row: int) -> torch.Tensor:
+        """One row read, decoded and preprocessed -> [3, crop, crop] (not cached)."""
+        from gram.backbone import preprocess
+        from gram.data.shards import decode_rgb
+
+        rgb = decode_rgb(self.read(row), f"{self.location(row)[0]}:{self.keys[row]}")  # errors name the shard
+        # a writable copy (torch wants one); contiguous like a row of a pixel tensor (preprocess keeps the
+        # channels-last strides of the decoded image)
+        return preprocess(np.array(rgb)[None], self.spec)[0].contiguous()
+
+    def load(self, rows, cache: bool = True) -> torch.Tensor:
+        """pixels[rows]; `cache`: keep the decoded rows in (and take them from) the LRU cache."""
+        idx = self._as_rows(rows)
+        have: dict[int, torch.Tensor] = {}
+        if cache:
+            for r in dict.fromkeys(idx.tolist()):
+                if r in self._cache:
+                    self._cache.move_to_end(r)
+                    have[r] = self._cache[r]
+        todo = [r for r in dict.fromkeys(idx.tolist()) if r not in have]
+        if len(todo) > 1 and self.workers > 1:
+            with ThreadPoolExecutor(min(self.workers, len(todo))) as pool:
+                decoded = list(pool.map(self.decode, todo))
+        else:
+            decoded = [self.decode(r) for r in todo]
+        have.update(zip(todo, decoded))
+        if cache and self.cache_rows > 0:
+            for r, px in zip(todo, decoded):
+                self._cache[r] = px
+            while len(self._cache) > self.cache_rows:
+                self._cache.popitem(last=False)
+        if not len(idx):
+            return torch.zeros(0, 3, self.spec.crop, self.spec.crop)
+        return torch.stack([have[r] for r in idx.tolist()])  # [n, 3, crop, crop]
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        """pixels[rows] for a LongTensor, array, list or slice of rows ([3, crop, crop] for one int)."""
+        if isinstance(rows, (int, np.integer)) or (isinstance(rows, torch.Tensor) and rows.ndim == 0):
+            return self.load([int(rows)])[0]
+        return self.load(rows)
+
+    def _as_rows(self, rows) -> np.ndarray:
+        """Rows as a 1-D int64 array, negatives counted from the end; IndexError beyond [-N, N)."""
+        n = len(self.keys)
+        if isinstance(rows, slice):
+            return np.arange(*rows.indices(n), dtype=np.int64)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.detach().cpu().numpy()
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"rows out of range for a corpus of {n} pairs")
+        return np.where(idx < 0, idx + n, idx)
+
+
+def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, batch_size: int = 256,
+                cache_rows: int = 256, workers: int = 0) -> Corpus:
+    """The corpus of the pairs `keys` (hierarchy order, `<domain>/<key>`) of which the tasks use `rows`.
+
+    The shards of each domain are `gram.data.shards.corpus_shards(data_dir, domain)` (a folder of tars, or
+    the download stage's manifest of addresses). A local uncompressed tar is indexed from its headers
+    (`index_tar`) and only the members of `rows` are read, with a seek each; any other shard (URL, pipe:,
+    s3://, compressed) is streamed once (`gram.embed.read_shard`) and the encoded images of `rows` are kept
+    in memory. A key found in several shards is taken from the last, as a sample is taken only with an
+    image and a non-blank caption (as `gram.data.shards.ShardPairs` does). The frozen features are encoded
+    `batch_size` rows at a time (in row order) and no pixels are kept: `Corpus.pixels` is a `LazyPixels`
+    (`cache_rows`, `workers`: its LRU cache and decoding threads).
+
+    Raises:
+        FileNotFoundError naming a domain without shards; ValueError when a pair of `rows` is in no shard;
+        ShardError naming a shard that cannot be read.
+    """
+    from gram.data.shards import IMAGE_EXTS, corpus_shards, is_local, local_path
     from gram.embed import read_shard
     from gram.prompts.encoders import encode_image_prompted, normalize
 
     where = {k: i for i, k in enumerate(keys)}
-    domains = sorted({k.split("/", 1)[0] for k in keys})
-    captions = [""] * len(keys)
-    raw: dict[int, bytes] = {}
     wanted = set(int(r) for r in rows)
-    for d in domains:
-        folder = Path(data_dir) / "shards" / d
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no shards of corpus domain {d!r} (did the download stage run?)")
-        for path in shard_paths(folder):
-            for key, data, caption in read_shard(path):
-                i = where.get(f"{d}/{key}")
-                if i is not None:
-                    captions[i] = caption
+    captions = [""] * len(keys)
+    shards: list[str] = []
+    local: dict[int, tuple[int, int, int, str]] = {}  # row -> (shard, offset, size, extension)
+    raw: dict[int, tuple[int, bytes]] = {}  # row -> (shard, image bytes): the shards that cannot be sought
+    streamed = 0
+    for d in sorted({k.split("/", 1)[0] for k in keys}):
+        for url in corpus_shards(data_dir, d):
+            s = len(shards)
+            shards.append(str(local_path(url)) if is_local(url) else url)
+            samples = None
+            if is_local(url):
+                try:
+                    samples = index_tar(shards[s])
+                except (tarfile.ReadError, OSError):  # compressed or unreadable: the stream reader says which
+                    samples = None
+            if samples is None:
+                streamed += 1
+                for key, data, caption in read_shard(url):
+                    i = where.get(f"{d}/{key}")
                     if i in wanted:
-                        raw[i] = data
-    missing = sorted(wanted - set(raw))
+                        captions[i] = caption
+                        raw[i] = (s, data)
+                        local.pop(i, None)
+                continue
+            for key, members in samples:
+                i = where.get(f"{d}/{key}")
+                if i not in wanted:
+                    continue
+                ext = next((e for e in IMAGE_EXTS if e in members), None)
+                caption = read_member(shards[s], *members["txt"]).decode("utf-8", "replace") if "txt" in members else ""
+                if ext is None or not caption.strip():
+                    continue  # not a pair: ShardPairs skips it
+                captions[i] = caption
+                local[i] = (s, *members[ext], ext)
+                raw.pop(i, None)
+    missing = sorted(wanted - set(local) - set(raw))
     if missing:
         raise ValueError(f"{data_dir}/shards: {len(missing)} pairs of the hierarchy are in no shard "
                          f"(first: {keys[missing[0]]}); rerun the embed and cluster stages on these shards")
-    spec = bb.spec
-    pixels = torch.zeros(len(keys), 3, spec.crop, spec.crop)
+    pixels = LazyPixels(bb.spec, keys, shards, local, raw, cache_rows, workers)
     frozen = torch.zeros(len(keys), bb.model.config.projection_dim)
-    order = sorted(raw)
+    order = sorted(wanted)
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            imgs = np.stack([decode_rgb(raw[i], f"{keys[i]}") for i in idx])
-            px = preprocess(imgs, spec)
-            pixels[idx] = px
+            px = pixels.load(idx, cache=False)  # [b, 3, crop, crop], dropped after the batch
             feats = encode_image_prompted(bb.model, px.to(bb.device, bb.dtype), None)
             frozen[idx] = normalize(feats).cpu()
+    log.info("corpus: %d of %d shards indexed, %d streamed (%d rows held as bytes)", len(shards) - streamed,
+             len(shards), streamed, len(raw))
     return Corpus(keys=keys, captions=captions, pixels=pixels, frozen=frozen)
 
 
@@ -177,11 +383,10 @@ class MetaLearner:
     # -- losses -----------------------------------------------------------------------------
     def set_loss(self, theta: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
         """Text-as-class loss of one set of pairs at θ."""
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
-        if self.visual:
-            img = self.learner.image_features(self.corpus.pixels[rows_t], theta)
+        if self.visual:  # numpy rows: a tensor made here would be torch.func's, which LazyPixels cannot read
+            img = self.learner.image_features(self.corpus.pixels[np.asarray(rows, dtype=np.int64)], theta)
         else:
-            img = self.frozen[rows_t.to(self.device)]
+            img = self.frozen[torch.as_tensor(rows, dtype=torch.long, device=self.device)]
         txt = self.learner.text_features([self.corpus.captions[r] for r in rows], theta)
         dt = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)  # fp32 at least
         logits = self.scale * img.to(dt) @ txt.to(dt).T  # [n, n]
@@ -495,7 +700,7 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     rows = np.unique(np.concatenate(tasks.support + tasks.query))
     t_load = time.time()
     corpus = load_corpus(bb, data_dir, keys, rows)
-    log.info("corpus: %d pairs of %d decoded in %.1f s; %d tasks (%s)", len(rows), len(keys), time.time() - t_load,
+    log.info("corpus: %d pairs of %d encoded in %.1f s; %d tasks (%s)", len(rows), len(keys), time.time() - t_load,
              len(tasks), cfg.tasks)
     structure, proto_sha = None, None
     if cfg.context == "structure":

@@ -49,11 +49,26 @@ def domain_roles(prof: ProfileParams) -> dict[str, str]:
     return roles
 
 
-def collect(eval_dir: Path, methods: list[str], datasets: list[str], domains: list[str]) -> list[dict]:
+def eval_domains(prof: ProfileParams, eval_dir: Path, method: str, datasets: list[str]) -> dict[str, list[str]]:
+    """The domains of each dataset in the zero-shot table: `evaluate.domains`, or (empty: every domain of
+    each dataset) those the evaluate stage wrote, the protocols' domain first and its shifts in their order."""
+    if prof.evaluate.domains:
+        return {ds: list(prof.evaluate.domains) for ds in datasets}
+    order = [prof.protocols.domain, *prof.protocols.domain_generalisation]
+    out = {}
+    for ds in datasets:
+        found = sorted(p.stem for p in (eval_dir / method / ds).glob("*.json"))
+        if not found:
+            raise FileNotFoundError(f"{eval_dir / method / ds}: no evaluation records (did the evaluate stage run?)")
+        out[ds] = sorted(found, key=lambda d: (order.index(d) if d in order else len(order), d))
+    return out
+
+
+def collect(eval_dir: Path, methods: list[str], datasets: list[str], domains: dict[str, list[str]]) -> list[dict]:
     """All evaluation records, in table order; a missing file is an error naming it."""
     rows = []
     for ds in datasets:
-        for dom in domains:
+        for dom in domains[ds]:
             for m in methods:
                 rows.append(read_json(eval_dir / m / ds / f"{dom}.json"))
     return rows
@@ -63,14 +78,14 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def markdown(rows: list[dict], profile: str, methods: list[str], datasets: list[str], domains: list[str],
-             roles: dict[str, str], backbone: dict | None) -> str:
+def markdown(rows: list[dict], profile: str, methods: list[str], datasets: list[str], domains_of: dict[str, list[str]],
+             roles: dict[str, str], backbone: dict | None, emoji: bool = True) -> str:
     by = {(r["dataset"], r["domain"], r["method"]): r for r in rows}
     out = [f"# Zero-shot classification — profile `{profile}`"]
     split = rows[0]["split"] if rows else "test"
     out.append(f"\nSplit: **{split}**. Cells: accuracy / class-balanced accuracy (mean per-class recall), in %. "
                "`chance` is 1/classes; `majority` always predicts the most frequent class of the split.")
-    if profile != "paper":
+    if emoji:
         out.append("\nThe class names (Unicode subgroup and group words) appear in the backbone's pretraining "
                    "captions, so 'zero-shot' here means names the text tower has seen, on artwork of "
                    "vendors it may not have seen (see the role of each column).")
@@ -81,8 +96,12 @@ def markdown(rows: list[dict], profile: str, methods: list[str], datasets: list[
     elif backbone:
         out.append(f"\nBackbone: `{backbone.get('model')}`.")
     for ds in datasets:
+        domains = domains_of[ds]
         first = by[(ds, domains[0], methods[0])]
-        out += ["", f"## {ds} ({first['n_classes']} classes, {first['n']} test images per domain)", ""]
+        ns = sorted({by[(ds, d, methods[0])]["n"] for d in domains})
+        out += ["", f"## {ds} ({first['n_classes']} classes, "
+                    f"{ns[0] if len(ns) == 1 else '/'.join(str(by[(ds, d, methods[0])]['n']) for d in domains)} "
+                    "test images per domain)", ""]
         head = "| method | " + " | ".join(f"{d} ({roles.get(d, 'eval')})" for d in domains) + " |"
         out += [head, "|" + "---|" * (len(domains) + 1)]
         cells = [pct(by[(ds, d, methods[0])]["chance_balanced_accuracy"]) for d in domains]
@@ -118,8 +137,8 @@ def summary(rows: list[dict], methods: list[str], datasets: list[str]) -> dict:
     return out
 
 
-def plot_zero_shot(rows: list[dict], path: Path, methods: list[str], datasets: list[str], domains: list[str],
-                   roles: dict[str, str]) -> None:
+def plot_zero_shot(rows: list[dict], path: Path, methods: list[str], datasets: list[str],
+                   domains_of: dict[str, list[str]], roles: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,6 +149,7 @@ def plot_zero_shot(rows: list[dict], path: Path, methods: list[str], datasets: l
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     width = 0.8 / len(methods)
     for ax, ds in zip(axes[0], datasets):
+        domains = domains_of[ds]
         x = np.arange(len(domains))
         for i, m in enumerate(methods):
             ax.bar(x + i * width - 0.4 + width / 2, [100 * by[(ds, d, m)]["balanced_accuracy"] for d in domains],
@@ -309,16 +329,17 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
         meta_dir: str | Path | None = None) -> str:
     prof = params.active(profile)
     eval_dir, out = Path(eval_dir), Path(out)
-    methods, datasets, domains = list(params.grid.methods), list(prof.evaluate.datasets), list(prof.evaluate.domains)
-    if not (methods and datasets and domains):
-        raise ValueError(f"profile {profile}: nothing to report (grid.methods, evaluate.datasets and "
-                         "evaluate.domains must all be non-empty)")
+    methods, datasets = list(params.grid.methods), list(prof.evaluate.datasets)
+    if not (methods and datasets):
+        raise ValueError(f"profile {profile}: nothing to report (grid.methods and evaluate.datasets must both be "
+                         "non-empty)")
+    domains = eval_domains(prof, eval_dir, methods[0], datasets)
     roles = domain_roles(prof)
     rows = collect(eval_dir, methods, datasets, domains)
     backbone = None
     if backbone_dir is not None and (Path(backbone_dir) / "pretrain.json").exists():
         backbone = read_json(Path(backbone_dir) / "pretrain.json")
-    md = markdown(rows, profile, methods, datasets, domains, roles, backbone)
+    md = markdown(rows, profile, methods, datasets, domains, roles, backbone, emoji=prof.data.source == "npm")
     write_text(out / "zero_shot.md", md)
     write_text(out / "zero_shot.csv", to_csv(rows, roles))
     write_json(out / "zero_shot.json", summary(rows, methods, datasets))
@@ -367,7 +388,7 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
     methods = g.tpt.methods()
     if not (g.tpt.datasets and methods):
         raise ValueError("grid.tpt has no datasets or no methods: no test-time table to write")
-    domains, seeds = list(prof.tpt.domains), list(g.seeds)
+    wanted, seeds = list(prof.tpt.domains), list(g.seeds)  # empty: every domain of each dataset, as tpt ran it
     roles = domain_roles(prof)
     md = [f"# Test-time prompt tuning ({profile})", "",
           f"Class-balanced accuracy (%) on the {prof.tpt.split} split, mean ± std over seeds {seeds} (the seed "
@@ -385,12 +406,13 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
                              squeeze=False)
     for k, ds in enumerate(g.tpt.datasets):
         records = {m: {s: read_json(tpt_dir / ds / m / f"s{s}.json") for s in seeds} for m in methods}
+        domains = wanted or [d["domain"] for d in records[methods[0]][seeds[0]]["domains"]]
         for m in methods:
             for s, rec in records[m].items():
                 have = [d["domain"] for d in rec["domains"]]
                 if have != domains:
                     raise ValueError(f"{tpt_dir / ds / m / f's{s}.json'}: domains {have}, but tpt.domains is "
-                                     f"{domains}; rerun it")
+                                     f"{wanted or 'every domain of ' + ds} ({domains} in the other runs); rerun it")
         head = [f"{d} ({roles.get(d, '')})" if roles.get(d) else d for d in domains]
         md += [f"## {ds}", "", "| | " + " | ".join(head) + " | mean | ms/image |",
                "|---|" + "---:|" * (len(domains) + 2)]

@@ -167,7 +167,7 @@ def transfer(runs: Runs, protocol: str, targets: list[str], domain: str | None) 
     if protocol == "cross-dataset":
         title, what = "Cross-dataset transfer", (
             f"Prompts tuned on {src} ({k} shots per class) scored without tuning on other datasets; test "
-            "images of emojis that were among the tuning shots are left out of the targets.")
+            "images that were among the tuning shots (the emoji datasets share images) are left out of the targets.")
         source_name = src
     else:
         title, what = "Domain generalisation", (

@@ -548,11 +548,12 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
         out: str | Path, prototypes_dir: str | Path | None = None, prompt_path: str | Path | None = None,
         meta_dir: str | Path | None = None, progress: bool = True, profile: str | None = None,
         views_cache: str | Path | None = None) -> dict:
-    """One (dataset, test-time method, seed) run over every domain of `tpt.domains`; writes `out`.
+    """One (dataset, test-time method, seed) run over every domain of `tpt.domains` (empty: all the dataset's
+    domains); writes `out`.
     `profile` names the profile `prof` is (for messages; default the file's `profile:`); `views_cache`, a
     directory where the view features of a (split, seed) are kept for the other methods' jobs."""
     from gram.backbone import load
-    from gram.data import load_dataset, split_images
+    from gram.data import dataset_domains, split_images
     from gram.evaluate import scores
     from gram.io import write_json
     from gram.tune import make_learner
@@ -561,8 +562,6 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
     if method not in cfg.methods:
         raise KeyError(f"test-time method {method!r} is not defined in {profile}.tpt.methods "
                        f"(defined: {', '.join(cfg.methods) or 'none'})")
-    if not cfg.domains:
-        raise ValueError(f"{profile}.tpt.domains is empty: nothing to tune on")
     m = cfg.methods[method]
     needs_meta = m.init == "meta" or m.regulator != "none"
     if m.init == "tuned" and prompt_path is None:
@@ -576,7 +575,7 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
         raise ValueError(f"--meta given, but test-time method {method!r} uses neither a meta init nor a regulator")
     t_start = time.time()
     data_dir = Path(data_dir)
-    load_dataset(data_dir, dataset)  # a clear error for an unknown dataset before any work
+    wanted = dataset_domains(data_dir, dataset, cfg.domains)  # clear errors before any work
     bb = load(backbone_dir, prof.backbone.device, prof.backbone.dtype)
     torch.manual_seed(seed)
     learner = make_learner(bb, m.prompt, 0, seed)
@@ -602,8 +601,8 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
 
         fp = backbone_fingerprint(backbone_dir)
     domains = []
-    for domain in cfg.domains:
-        sp = split_images(data_dir, dataset, domain, cfg.split)
+    for domain in wanted:  # a domain with a class subset (ImageNet-A/-R) is tuned and scored among it
+        sp = split_images(data_dir, dataset, domain, cfg.split, size=bb.spec.size).restricted()
         t0 = time.time()
         cache = None
         if views_cache is not None:

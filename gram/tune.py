@@ -256,20 +256,24 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
     """Tune method `m` on `shots` per class of `class_ids` (train split, domain `pc.domain`); a GRAM
     method (meta_init / meta_regulator) takes θ and ψ_φ from the meta-train output `meta_dir`."""
     from gram.backbone import preprocess
-    from gram.data import split_images
-    from gram.evaluate import restrict
+    from gram.data import split_images, split_index
 
-    sp = split_images(data_dir, dataset, pc.domain, "train")
-    images, labels, _ = restrict(sp, class_ids)
-    keys = [k for k, lab in zip(sp.keys, sp.labels) if int(lab) in set(class_ids)]
+    index = split_index(data_dir, dataset, pc.domain, "train")  # nothing decoded: ImageNet's train split is large
+    pos = {c: i for i, c in enumerate(class_ids)}
+    rows = [i for i, lab in enumerate(index.labels) if int(lab) in pos]
+    keys = [index.keys[i] for i in rows]
+    labels = np.array([pos[int(index.labels[i])] for i in rows], dtype=np.int64)
     idx, digest = few_shot(keys, labels, shots, seed, dataset)
-    names = [sp.classes[c] for c in class_ids]
+    images = split_images(data_dir, dataset, pc.domain, "train", size=bb.spec.size,
+                          indices=[rows[i] for i in idx]).images  # only the chosen shots
+    labels = labels[idx]
+    names = [index.classes[c] for c in class_ids]
     t0 = time.time()
     torch.manual_seed(seed)
     meta_info = None
     if m.kind == "linear-probe":
         clf = LinearProbe(bb, dataset, class_ids, m.C, pc.batch_size)
-        clf.fit(images[idx], labels[idx])
+        clf.fit(images, labels)
         losses = []
     else:
         learner = make_learner(bb, m, len(class_ids), seed)
@@ -286,7 +290,7 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
 
             meta_info = {"recipe": mm["recipe"], "sha256": file_sha256(Path(meta_dir) / "meta.safetensors"),
                          "init": m.meta_init, "regulator": m.meta_regulator}
-        losses = tune(learner, preprocess(images[idx], bb.spec), torch.as_tensor(labels[idx]), names, m.steps,
+        losses = tune(learner, preprocess(images, bb.spec), torch.as_tensor(labels), names, m.steps,
                       m.lr, m.batch_size, m.optimizer, seed=seed, progress=True, regulator=regulator)
         clf = Tuned(learner, dataset, class_ids, pc.batch_size)
     info = {"meta": meta_info, "subset_hash": digest, "n_train": int(len(idx)),
@@ -359,7 +363,7 @@ def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed
         exclude = set(meta["train_keys"])
         info = {"meta": meta.get("meta"), "subset_hash": meta["subset_hash"], "n_train": len(meta["train_keys"]),
                 "train_keys": meta["train_keys"], "train": None}
-    scored = score_protocol(clf, protocol, dataset, data_dir, pc, exclude)
+    scored = score_protocol(clf, protocol, dataset, data_dir, pc, exclude, size=bb.spec.size)
     record = {"protocol": protocol, "dataset": dataset, "domain": pc.domain, "method": method, "kind": m.kind,
               "shots": shots, "seed": seed, "subset_hash": info["subset_hash"], "n_train": info["n_train"],
               **scored, "train": info["train"], "meta": info["meta"],

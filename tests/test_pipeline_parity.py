@@ -17,7 +17,8 @@ PROJECT_FILES = ["Snakefile", "workflow", "dvc.yaml", "params.yaml", "gram", "te
 
 
 def copy_project(dest: Path, profile: str, grid: dict | None = None) -> Path:
-    """A copy of the project's pipeline files at `dest`, with `profile:` set and `grid:` optionally replaced."""
+    """A copy of the project's pipeline files at `dest`, with `profile:` set and `grid:` replaced by `grid`
+    (or, for a profile with its own grid, by `*grid_<profile>`, as the README says to switch to it)."""
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
@@ -27,10 +28,13 @@ def copy_project(dest: Path, profile: str, grid: dict | None = None) -> Path:
             shutil.copy2(src, dest / name)
     params = dest / "params.yaml"
     text = re.sub(r"(?m)^profile: \w+", f"profile: {profile}", params.read_text())
-    if grid is not None:  # the grid block ends at the first blank line
+    own = yaml.safe_load(text)[profile].get("grid") is not None
+    if grid is not None or own:  # the top-level grid block runs to the next blank line or the end
         start = text.index("\ngrid:")
-        end = text.index("\n\n", start)
-        text = text[:start] + "\ngrid: " + yaml.safe_dump(grid, default_flow_style=True, width=1000).strip() + text[end:]
+        end = text.find("\n\n", start)
+        end = len(text) - 1 if end < 0 else end
+        new = f"*grid_{profile}" if grid is None else yaml.safe_dump(grid, default_flow_style=True, width=1000).strip()
+        text = text[:start] + "\ngrid: " + new + text[end:]
     params.write_text(text)
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
     return dest
@@ -53,7 +57,7 @@ def dvc_commands(cwd: Path) -> Counter:
     return Counter(line[2:].strip() for line in out.splitlines() if line.startswith("> "))
 
 
-@pytest.mark.parametrize("profile", ["emoji", "tiny"])
+@pytest.mark.parametrize("profile", ["emoji", "tiny", "paper", "paper_smoke"])
 def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
     cwd = copy_project(tmp_path, profile)
     smk, dvc = snakemake_commands(cwd), dvc_commands(cwd)
@@ -101,10 +105,10 @@ def test_dvc_params_name_existing_sections():
     """Every `params:` entry of dvc.yaml resolves in params.yaml for every profile."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for profile in ("emoji", "tiny"):
+    for profile in ("emoji", "tiny", "paper", "paper_smoke"):
         for name, st in stages.items():
             for key in st.get("params", []):
-                g = params["grid"]
+                g = params[profile].get("grid") or params["grid"]
                 for method, recipe in [(m, r) for m in g["tuned"] for r in g["meta"]] + \
                         [(e["method"], e["meta"]) for e in g["gram"]]:
                     node = params
@@ -120,3 +124,58 @@ def test_snakemake_lint_and_format():
     assert "Congratulations, your workflow is in a good condition!" in out, out
     assert "may not be validated correctly" not in out, out
     run(["snakefmt", "--check", "Snakefile", "workflow/rules"], ROOT)
+
+
+GPU_RULES = {"backbone", "embed", "cluster", "evaluate", "few_shot", "base_to_new", "transfer", "meta", "tpt"}
+
+
+def test_paper_grid_from_the_command_line(tmp_path):
+    """`snakemake -n --config profile=paper` on the committed params.yaml (profile: emoji) lists every job of
+    the paper grid, each GPU rule's jobs asking for a GPU and no other job asking for one."""
+    cwd = copy_project(tmp_path, "emoji")
+    out = run(["snakemake", "-n", "--forceall", "--nocolor", "--cores", "1", "--config", "profile=paper"], cwd)
+    blocks = re.split(r"(?m)^(?:local)?rule ", out)[1:]
+    jobs = Counter(b.split(":", 1)[0] for b in blocks)
+    g = yaml.safe_load((cwd / "params.yaml").read_text())["paper"]["grid"]
+    n_ds, tuned, seeds = len(g["datasets"]), len(g["tuned"]) + len(g["gram"]), len(g["seeds"])
+    t = g["tpt"]
+    assert n_ds == 11 and len(g["shots"]) == 5 and seeds == 3
+    assert jobs == {"download": 1, "backbone": 1, "embed": 1, "cluster": 1, "tasks": 1, "prototypes": 1,
+                    "meta": len(g["meta"]), "evaluate": len(g["methods"]),
+                    "few_shot": n_ds * tuned * len(g["shots"]) * seeds, "base_to_new": n_ds * tuned * seeds,
+                    "transfer": 2 * tuned * seeds,
+                    "tpt": len(t["datasets"]) * (len(t["words"]) + len(t["tuned"]) + len(t["gram"])) * seeds,
+                    "report": 1, "tpt_report": 1, "all": 1}
+    assert sum(jobs.values()) == 2255
+    for b in blocks:
+        rule = b.split(":", 1)[0]
+        res = re.search(r"(?m)^\s+resources: (.*)$", b)
+        if rule != "all":
+            assert ("gpu=1" in res.group(1)) == (rule in GPU_RULES), (rule, res.group(1))
+        if rule in ("few_shot", "tpt"):
+            assert "profile=paper" in b, b
+
+
+def test_opt_in_img2dataset_rule_runs_before_the_download(tmp_path):
+    """With data.paper.img2dataset.enabled, Snakemake builds the corpus shards first (rule img2dataset, whose
+    output is the summary beside the shard folder), and the download stage waits for it."""
+    cwd = copy_project(tmp_path, "emoji")
+    params = cwd / "params.yaml"
+    text = params.read_text()
+    assert text.count("img2dataset: {enabled: false, url_list: data/paper/corpus/cc3m.tsv") == 1
+    params.write_text(text.replace("img2dataset: {enabled: false,", "img2dataset: {enabled: true,"))
+    (cwd / "data/paper/corpus").mkdir(parents=True)
+    (cwd / "data/paper/corpus/cc3m.tsv").write_text("caption\turl\n")
+    out = run(["snakemake", "-n", "-p", "--nocolor", "--cores", "1", "--config", "profile=paper",
+               "--", "data/paper/download.json"], cwd)
+    assert re.search(r"(?m)^rule img2dataset:", out), out[-3000:]
+    assert "output: data/paper/corpus/cc3m.img2dataset.json" in out
+    assert "gram img2dataset --params params.yaml --profile paper" in out
+    download = re.split(r"(?m)^rule ", out)
+    block = next(b for b in download if b.startswith("download:"))
+    assert "data/paper/corpus/cc3m.img2dataset.json" in block.split("output:")[0]  # an input of the download
+    # not enabled (the default): no such rule
+    params.write_text(text)
+    out = run(["snakemake", "-n", "--nocolor", "--cores", "1", "--config", "profile=paper", "--",
+               "data/paper/download.json"], cwd)
+    assert not re.search(r"(?m)^rule img2dataset:", out) and "cc3m.img2dataset.json" not in out

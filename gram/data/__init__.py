@@ -1,19 +1,30 @@
 """Download stage and dataset access. [ours]
 
-`gram download` fetches and prepares the data of a profile under `data/<profile>/`; the emoji
-profile is implemented in `gram.data.emoji`. Downstream stages read classification datasets with
-`load_dataset` / `split_images`, which know the on-disk layout so that no other module does.
+`gram download` fetches and prepares the data of a profile under `data/<profile>/`: the emoji
+profile in `gram.data.emoji`, the paper profile in `gram.data.paper` (the CoOp-layout datasets and
+the corpus shards of `data.paper`). Both write one description per classification dataset,
+`datasets/<name>.json`, and downstream stages read datasets only through `split_index` (keys and
+labels, nothing decoded) and `split_images` (decoded images), which know both layouts so that no
+other module does.
+
+A dataset has domains: the emoji vendors, or for the paper profile `default` (the dataset itself)
+plus the test sets of `data.datasets.<name>.shifts` (ImageNet-V2/-Sketch/-A/-R as domains of
+ImageNet). A domain may hold only some classes (ImageNet-A and -R: 200 of the 1000); its
+`class_subset` says which, labels stay in the dataset's label space, and scoring restricts the
+prediction to that subset (`Split.restricted`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from gram.config import DataParams
 from gram.io import read_json
+
+DEFAULT_DOMAIN = "default"  # the paper profile's name for a dataset's own test set
 
 
 @dataclass
@@ -27,6 +38,28 @@ class Split:
     images: np.ndarray  # [N, H, W, 3] uint8
     labels: np.ndarray  # [N] int64
     keys: list[str]
+    class_subset: list[int] | None = None  # the classes this domain holds (None: all)
+
+    def restricted(self) -> "Split":
+        """The same split as a plain dataset of its `class_subset` (labels renumbered 0..K-1)."""
+        if self.class_subset is None:
+            return self
+        pos = {c: i for i, c in enumerate(self.class_subset)}
+        return replace(self, classes=[self.classes[c] for c in self.class_subset],
+                       labels=np.array([pos[int(y)] for y in self.labels], dtype=np.int64), class_subset=None)
+
+
+@dataclass
+class SplitIndex:
+    """One (dataset, domain, split) without its images: what few-shot sampling needs."""
+
+    dataset: str
+    domain: str
+    split: str
+    classes: list[str]
+    keys: list[str]
+    labels: np.ndarray  # [N] int64, in the dataset's label space
+    class_subset: list[int] | None
 
 
 def load_dataset(data_dir: str | Path, name: str) -> dict:
@@ -34,17 +67,63 @@ def load_dataset(data_dir: str | Path, name: str) -> dict:
     return read_json(Path(data_dir) / "datasets" / f"{name}.json")
 
 
-def split_images(data_dir: str | Path, name: str, domain: str, split: str) -> Split:
-    """Images and labels of one split of dataset `name` in `domain` (a vendor for emoji)."""
-    from gram.data.shards import load_images
+def dataset_domains(data_dir: str | Path, name: str, wanted=()) -> list[str]:
+    """The domains to score `name` on: `wanted` (each must exist), or all of the dataset's if empty."""
+    have = list(load_dataset(data_dir, name)["domains"])
+    missing = [d for d in wanted if d not in have]
+    if missing:
+        raise KeyError(f"{data_dir}/datasets/{name}.json: no domain {missing[0]!r} (has {have})")
+    return list(wanted) or have
 
+
+def _domain(data_dir: str | Path, name: str, domain: str) -> dict:
     ds = load_dataset(data_dir, name)
     if domain not in ds["domains"]:
         raise KeyError(f"{data_dir}/datasets/{name}.json: no domain {domain!r} (has {ds['domains']})")
+    return ds
+
+
+def split_index(data_dir: str | Path, name: str, domain: str, split: str) -> SplitIndex:
+    """Keys and labels of one split of dataset `name` in `domain`, nothing decoded."""
+    ds = _domain(data_dir, name, domain)
+    if ds.get("source") == "fewshot":
+        from gram.data import paper
+
+        listing, labels, subset = paper.domain_listing(data_dir, ds, domain, split)
+        return SplitIndex(name, domain, split, ds["classes"], listing.keys, labels, subset)
     items = [it for it in ds["items"] if it["split"] == split]
     keys = [f"{domain}_{it['hexcode'].lower()}" for it in items]
-    keys, images, _ = load_images(Path(data_dir) / "shards" / domain, keys)
     labels = np.array([it["label"] for it in items], dtype=np.int64)
+    return SplitIndex(name, domain, split, ds["classes"], keys, labels, None)
+
+
+def split_images(data_dir: str | Path, name: str, domain: str, split: str, size: int | None = None,
+                 indices=None) -> Split:
+    """Images and labels of one split of dataset `name` in `domain` (a vendor for emoji).
+
+    Args:
+        size: side of the decoded images (the backbone's `spec.size`); the paper profile's datasets
+            need it (shortest side resized, centre crop), the emoji shards hold images of one size.
+        indices: decode only these items of `split_index(...)`'s order (default: all).
+    """
+    ds = _domain(data_dir, name, domain)
+    if ds.get("source") == "fewshot":
+        from gram.data import fewshot, paper
+
+        if size is None:
+            raise ValueError(f"{name}: the paper profile's images are decoded at the backbone's size; pass size")
+        listing, labels, subset = paper.domain_listing(data_dir, ds, domain, split)
+        sp = fewshot.decode(listing, size, indices, domain=domain)
+        idx = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        return replace(sp, dataset=name, classes=list(ds["classes"]), labels=labels[idx], class_subset=subset)
+    from gram.data.shards import load_images
+
+    index = split_index(data_dir, name, domain, split)
+    keys, labels = index.keys, index.labels
+    if indices is not None:
+        idx = np.asarray(indices, dtype=np.int64)
+        keys, labels = [keys[i] for i in idx], labels[idx]
+    keys, images, _ = load_images(Path(data_dir) / "shards" / domain, keys)
     return Split(name, domain, split, ds["classes"], images, labels, keys)
 
 
@@ -53,10 +132,9 @@ def run(cfg: DataParams, out_dir: str | Path) -> dict:
         from gram.data import emoji
 
         return emoji.run(cfg, out_dir)
-    raise RuntimeError(
-        "data.source 'paper': the paper profile's corpus shards and the 11 few-shot datasets are "
-        "not prepared by this version of gram yet (tracked in the paper-profile issue); "
-        "use the emoji profile (`profile: emoji` in params.yaml).")
+    from gram.data import paper
+
+    return paper.run(cfg, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

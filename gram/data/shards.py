@@ -134,6 +134,28 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
     return urls
 
 
+def corpus_shards(data_dir: str | Path, domain: str) -> list[str]:
+    """The shards of one corpus domain as the download stage published them.
+
+    `<data_dir>/shards/<domain>/` holds the emoji profile's tar files; the paper profile's download
+    stage writes a manifest `<data_dir>/shards/<domain>.json` (`{"spec": ..., "shards": [{"url": ...}]}`)
+    that resolves `data.paper.corpus` once, so every later stage reads the same shard list.
+    """
+    folder = Path(data_dir) / "shards" / domain
+    manifest = folder.with_name(f"{domain}.json")
+    if folder.is_dir():
+        return [str(p) for p in shard_paths(folder)]
+    if manifest.is_file():
+        import json
+
+        urls = [s["url"] for s in json.loads(manifest.read_text())["shards"]]
+        if not urls:
+            raise FileNotFoundError(f"{manifest}: lists no shards of corpus domain {domain!r}")
+        return urls
+    raise FileNotFoundError(f"{folder}: no shards of corpus domain {domain!r} (neither a folder nor "
+                            f"{manifest.name}; did the download stage run?)")
+
+
 def open_shard(url: str):
     """A binary stream of one shard (see the module docstring for the schemes)."""
     from webdataset.gopen import gopen

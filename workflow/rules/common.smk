@@ -1,6 +1,9 @@
 # Shared helpers of the rules: the validated params and small target/input functions.
 import gram.config
 
+# a profile with its own grid (paper.grid) fans out over it, also under --config profile=NAME
+if config.get(config["profile"], {}).get("grid"):
+    config["grid"] = config[config["profile"]]["grid"]
 PARAMS = gram.config.from_dict(config, "params.yaml")
 PROFILE = PARAMS.profile
 
@@ -12,6 +15,19 @@ wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
     shots="[0-9]+",
     seed="[0-9]+",
+
+
+def img2dataset_enabled(profile):
+    return PARAMS.active(profile).data.paper.img2dataset.enabled
+
+
+def img2dataset_summary(wildcards):
+    """Input function: the opt-in img2dataset run's summary, when the profile enables it."""
+    from gram.data.img2dataset import summary_path
+
+    profile = PROFILE if wildcards is None else wildcards.profile
+    cfg = PARAMS.active(profile).data.paper.img2dataset
+    return [str(summary_path(cfg.output))] if cfg.enabled else []
 
 
 def section(*keys):
