@@ -89,10 +89,12 @@ def preprocess(images: np.ndarray | torch.Tensor, spec: ImageSpec, normalize: bo
     x = torch.as_tensor(images)
     x = x.permute(0, 3, 1, 2).float() / 255.0  # [N, H, W, 3] -> [N, 3, H, W]
     h, w = x.shape[-2:]
-    scale = spec.size / min(h, w)
-    if (h, w) != (round(h * scale), round(w * scale)):
-        x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode=spec.resample,
-                          antialias=True, align_corners=False).clamp_(0, 1)
+    # the long side is truncated, as CLIP's torchvision Resize and transformers' image processor do
+    # (rounding it instead shifts the centre crop by a pixel on some aspect ratios)
+    long = int(spec.size * max(h, w) / min(h, w))
+    size = (spec.size, long) if h <= w else (long, spec.size)
+    if (h, w) != size:
+        x = F.interpolate(x, size=size, mode=spec.resample, antialias=True, align_corners=False).clamp_(0, 1)
     h, w = x.shape[-2:]
     top, left = (h - spec.crop) // 2, (w - spec.crop) // 2
     x = x[..., top:top + spec.crop, left:left + spec.crop]

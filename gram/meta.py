@@ -121,21 +121,17 @@ def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
         tarfile.ReadError when the file is no uncompressed tar (a compressed shard cannot be sought: read it
         as a stream); ShardError naming the shard when it is truncated or a sample repeats a member.
     """
-    from webdataset.tariterators import base_plus_ext
-
-    from gram.data.shards import ShardError, _ended_cleanly
+    from gram.data.shards import ShardError, ended_cleanly, member_key
 
     samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
     with tarfile.open(path, mode="r:") as tar:
         end = os.fstat(tar.fileobj.fileno()).st_size
         while (info := tar.next()) is not None:
             tar.members = []  # the index below is all that is kept
-            if not info.isreg():
+            named = member_key(info)
+            if named is None:
                 continue
-            key, ext = base_plus_ext(info.name)
-            base = info.name.rsplit("/", 1)[-1]
-            if key is None or (base.startswith("__") and base.endswith("__")):
-                continue
+            key, ext = named
             if info.offset_data + info.size > end:
                 raise ShardError(f"{path}: the shard is truncated (member {info.name} ends past the file, after "
                                  f"{len(samples)} samples)")
@@ -146,7 +142,7 @@ def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                 raise ShardError(f"{path}: sample {key} has two `{ext.lower()}` members (after {len(samples) - 1} "
                                  "samples)")
             members[ext.lower()] = (info.offset_data, info.size)
-        if not _ended_cleanly(tar):
+        if not ended_cleanly(tar):
             raise ShardError(f"{path}: the shard is truncated or damaged after {len(samples)} samples (no "
                              "end-of-archive marker where its last member ends)")
     return samples

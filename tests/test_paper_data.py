@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, params_with
 from gram import config as C
@@ -180,3 +181,36 @@ def test_a_profile_with_its_own_grid(tmp_path):
     bad = params_with(tmp_path, lambda raw: raw.update(profile="paper"))  # grid left at the emoji one
     with pytest.raises(C.ConfigError, match=r"grid: \*grid_paper"):
         C.load(bad)
+
+
+def test_paper_path_pixels_match_clips_image_processor(tmp_path):
+    """Decoding a listing at the backbone's size, then `preprocess`, gives what CLIPImageProcessor gives on
+    the original photo-like JPEGs (ViT-B/16's 224 geometry and CLIP's mean/std), within a stated tolerance."""
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from gram.backbone import image_spec, preprocess
+
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                          image_mean=[0.48145466, 0.4578275, 0.40821073],
+                          image_std=[0.26862954, 0.26130258, 0.27577711], resample=3).save_pretrained(tmp_path / "clip")
+    rng = np.random.default_rng(0)
+    paths, originals = [], []
+    for i, (w, h) in enumerate([(320, 240), (180, 300), (500, 375)]):
+        yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+        rgb = np.stack([128 + 100 * np.sin(6 * xx + i), 128 + 100 * np.cos(4 * yy), 255 * xx * yy], -1)
+        rgb[h // 4:h // 2, w // 3:w // 2] = [220, 30, 40]  # an object with edges
+        rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.uint8)
+        (tmp_path / "img").mkdir(exist_ok=True)
+        Image.fromarray(rgb).save(tmp_path / "img" / f"{i}.jpg", quality=92)
+        paths.append(f"{i}.jpg")
+        originals.append(np.asarray(Image.open(tmp_path / "img" / f"{i}.jpg").convert("RGB")))
+    listing = fewshot.Listing("x", "test", tmp_path / "img", paths, np.zeros(3, dtype=np.int64), ["a"], "test")
+    spec = image_spec(tmp_path / "clip")
+    ours = preprocess(fewshot.decode(listing, spec.size).images, spec)
+    ref = CLIPImageProcessorPil.from_pretrained(tmp_path / "clip")(originals, return_tensors="pt")["pixel_values"]
+    assert ours.shape == ref.shape == (3, 3, 224, 224)
+    # torch's and PIL's antialiased bicubic kernels differ slightly, and both round to uint8 after the
+    # resize: measured in pixel units (the normalised difference times CLIP's std) max 2.0/255, mean 0.19/255
+    diff = (ours - ref).abs() * torch.tensor(spec.std).view(1, 3, 1, 1)
+    assert diff.max() < 3 / 255 and diff.mean() < 0.3 / 255, (diff.max() * 255, diff.mean() * 255)

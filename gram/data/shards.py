@@ -167,7 +167,7 @@ def open_shard(url: str):
     return gopen(url, "rb")
 
 
-def _ended_cleanly(tar) -> bool:
+def ended_cleanly(tar) -> bool:
     """Whether a tar read in stream mode stopped at its end-of-archive marker.
 
     `tarfile` ends the iteration quietly at a truncated, missing or damaged header anywhere past the first
@@ -183,6 +183,20 @@ def _ended_cleanly(tar) -> bool:
     return rest.count(0) == len(rest)
 
 
+def member_key(info) -> tuple[str, str] | None:
+    """(sample key, extension) of a tar member that belongs to a sample, as webdataset groups them; None
+    for what is not a regular file and for `__x__` members."""
+    from webdataset.tariterators import base_plus_ext
+
+    if not info.isreg():
+        return None
+    key, ext = base_plus_ext(info.name)
+    base = info.name.rsplit("/", 1)[-1]
+    if key is None or (base.startswith("__") and base.endswith("__")):
+        return None
+    return key, ext
+
+
 def iter_shard(url: str) -> Iterator[dict]:
     """The raw samples of one shard, as webdataset groups them (bytes per lower-case extension, plus
     `__key__` and `__url__`), read as a stream.
@@ -191,8 +205,6 @@ def iter_shard(url: str) -> Iterator[dict]:
         ShardError naming the shard (and how many samples came before) when it cannot be opened or read
         as a tar, ends before its end-of-archive marker, or repeats a member of a sample.
     """
-    from webdataset.tariterators import base_plus_ext
-
     url = str(url)
     done = 0
     try:
@@ -204,12 +216,10 @@ def iter_shard(url: str) -> Iterator[dict]:
         sample: dict | None = None
         for info in tar:
             tar.members = []  # stream mode keeps every header otherwise
-            if not info.isreg():
+            named = member_key(info)
+            if named is None:
                 continue
-            key, ext = base_plus_ext(info.name)
-            base = info.name.rsplit("/", 1)[-1]
-            if key is None or (base.startswith("__") and base.endswith("__")):
-                continue
+            key, ext = named
             data = tar.extractfile(info).read()
             if sample is not None and sample["__key__"] != key:
                 yield sample
@@ -220,7 +230,7 @@ def iter_shard(url: str) -> Iterator[dict]:
             if ext.lower() in sample:
                 raise ShardError(f"{url}: sample {key} has two `{ext.lower()}` members (after {done} samples)")
             sample[ext.lower()] = data
-        if not _ended_cleanly(tar):
+        if not ended_cleanly(tar):
             raise ShardError(f"{url}: the shard is truncated or damaged after {done} samples (no end-of-archive "
                              "marker where its last member ends)")
         if sample is not None:
