@@ -85,9 +85,25 @@ def config_digest(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class StderrHandler(logging.StreamHandler):
+    """A stream handler writing to whatever `sys.stderr` is when a record is emitted, not to the stream of
+    set-up time (which a caller that redirects stderr, or a test harness, may have closed since)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # logging.StreamHandler assigns it; the property always answers sys.stderr
+        pass
+
+
 def setup_logging(logfile: str | Path | None, verbose: bool = False) -> None:
     """Log to stderr and, if given, to `logfile` (appended: a resumed stage keeps its history)."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [StderrHandler()]
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logfile))

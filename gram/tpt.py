@@ -95,8 +95,8 @@ def resized_crops(image: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
     to [n, 3, size, size]."""
     n = boxes.shape[0]
     x0, y0, w, h = boxes.unbind(1)
-    sx = torch.where(flips, -w, w)
-    theta = torch.zeros(n, 2, 3)
+    sx = torch.where(flips.to(boxes.device), -w, w)  # the draws live on the CPU (their generator's device)
+    theta = torch.zeros(n, 2, 3, dtype=boxes.dtype, device=boxes.device)
     theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * (x0 + w / 2) - 1
     theta[:, 1, 1], theta[:, 1, 2] = h, 2 * (y0 + h / 2) - 1
     return _affine(image.expand(n, -1, -1, -1), theta.to(image.device), size)
@@ -191,7 +191,7 @@ def make_views(image: np.ndarray, spec, views: int, gen: torch.Generator, augmen
     n = views - 1
     boxes = crop_boxes(gen, n, tuple(crop_scale))
     flips = torch.rand(n, generator=gen) < 0.5
-    aug = resized_crops(x, boxes, flips.to(device), spec.crop).clamp(0, 1)  # [n, 3, s, s]
+    aug = resized_crops(x, boxes, flips, spec.crop).clamp(0, 1)  # [n, 3, s, s]
     if augment == "augmix":
         aug = augmix(aug, gen).clamp(0, 1)
     elif augment != "crop-flip":
