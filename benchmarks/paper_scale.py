@@ -5,13 +5,14 @@
 Model: a CLIP with ViT-B/16 shapes and random weights (`benchmarks/tpt.py`'s `build_backbone`; the
 timings do not depend on the weights), through gram's own code:
 - `image_features`: `Backbone.encode_images` on 224 x 224 uint8 images (what the evaluate and tune
-  stages call: normalisation on the CPU, copy, image tower), and the image tower alone on
+  stages call: uint8 copy to the device, normalisation there, image tower), and the image tower alone on
   normalised pixels already on the device (the ceiling of the embed stage);
 - `text_features`: `Backbone.encode_texts` on "a photo of a <class>." prompts;
 - `tune_step`: seconds per optimisation step of `gram.tune.tune` for CoOp, VPT and the joint prompt
   at the paper recipe's batch (32 images) with C classes (C = 1000: ImageNet);
-- `decode`: `gram.data.fewshot.decode` of photo-sized JPEGs (500 x 375) to 224 x 224 with N threads
-  (the dataset side of every evaluation and tuning job; the embed stage's input side is similar).
+- `decode`: `gram.data.fewshot.decode` of photo-sized JPEGs (500 x 375) to 224 x 224 in each of the
+  `--decode-workers` counts of worker processes, their start-up included (the dataset side of every
+  evaluation and tuning job; the embed stage's input side is similar).
 Each case: warm-up runs, then the median of `--repeats` timed runs. Output: JSON (environment and
 one record per case) and a table on stdout.
 """
@@ -108,7 +109,7 @@ def tune_cases(bb, words, args) -> list[dict]:
     return out
 
 
-def decode_case(args) -> dict:
+def decode_cases(args) -> list[dict]:
     from PIL import Image
 
     from gram.data import fewshot
@@ -126,10 +127,12 @@ def decode_case(args) -> dict:
             paths.append(f"{i}.jpg")
         listing = fewshot.Listing("bench", "test", Path(tmp), paths, np.zeros(len(paths), dtype=np.int64), ["x"],
                                   "benchmark")
-        t = median_time(lambda: fewshot.decode(listing, 224, workers=args.decode_workers), torch.device("cpu"), 1,
-                        args.repeats)
-    return {"case": "decode", "path": "fewshot.decode, 500x375 JPEG -> 224x224", "images": len(paths),
-            "threads": args.decode_workers, "seconds": t, "per_second": len(paths) / t}
+        out = []
+        for w in args.decode_workers:
+            t = median_time(lambda: fewshot.decode(listing, 224, workers=w), torch.device("cpu"), 1, args.repeats)
+            out.append({"case": "decode", "path": "fewshot.decode, 500x375 JPEG -> 224x224, start-up included",
+                        "images": len(paths), "processes": w, "seconds": t, "per_second": len(paths) / t})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,15 +145,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000])
     p.add_argument("--tune-batch", type=int, default=32)
     p.add_argument("--tune-steps", type=int, default=5, help="steps per timed tuning run")
-    p.add_argument("--decode-images", type=int, default=256)
-    p.add_argument("--decode-workers", type=int, default=8)
+    p.add_argument("--decode-images", type=int, default=1024)
+    p.add_argument("--decode-workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
+                   help="worker process counts to time, comma-separated")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/paper-scale-<device>.json)")
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)
     bb, words, info = build_backbone(device, dtype, args.seed, 2000)
-    results = image_cases(bb, args) + [text_case(bb, words, args)] + tune_cases(bb, words, args) + [decode_case(args)]
+    results = image_cases(bb, args) + [text_case(bb, words, args)] + tune_cases(bb, words, args) + decode_cases(args)
     env = base_environment(device, dtype)
     import transformers
 

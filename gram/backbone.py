@@ -119,10 +119,17 @@ class Backbone:
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-        """uint8 [N, H, W, 3] -> L2-normalised image features [N, D] (fp32, on the device)."""
+        """uint8 [N, H, W, 3] -> L2-normalised image features [N, D] (fp32, on the device).
+
+        The uint8 batch goes to the device as it is (a quarter of the bytes of float pixels, pinned on
+        CUDA) and is resized, cropped and normalised there: on a GPU the CPU would otherwise bound the
+        throughput. On the CPU the arithmetic is `preprocess` exactly."""
         out = []
+        pin = self.device.type == "cuda"
         for i in range(0, len(images), batch_size):
-            px = preprocess(images[i:i + batch_size], self.spec).to(self.device, self.dtype)
+            x = torch.as_tensor(images[i:i + batch_size])
+            x = x.pin_memory() if pin else x
+            px = preprocess(x.to(self.device, non_blocking=pin), self.spec).to(self.dtype)
             out.append(self.model.get_image_features(pixel_values=px).pooler_output.float())
         return F.normalize(torch.cat(out), dim=-1)
 

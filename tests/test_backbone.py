@@ -82,6 +82,18 @@ def test_round_trip_through_the_backbone_stage(tiny_clip_dir, tmp_path):
     assert not any(p.requires_grad for p in b.model.parameters())
 
 
+def test_encode_images_is_the_tower_on_preprocessed_pixels(tiny_clip_dir):
+    """Preprocessing moved onto the device after the uint8 copy: still `preprocess` then the tower,
+    exactly, across batch boundaries and for images that need a resize (48x64 -> 32x42 -> crop 32)."""
+    bb = B.load(tiny_clip_dir, "cpu")
+    imgs = np.random.default_rng(2).integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
+    with torch.no_grad():  # batch by batch: a GEMM's rounding depends on its row count
+        ref = torch.cat([bb.model.get_image_features(pixel_values=B.preprocess(imgs[i:i + 2], bb.spec)).pooler_output
+                         for i in (0, 2, 4)])
+    torch.testing.assert_close(bb.encode_images(imgs, batch_size=2), torch.nn.functional.normalize(ref, dim=-1),
+                               rtol=0, atol=0)
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)cannot load CLIP .no-such-org/no-such-clip.*hf download no-such-org/no-such-clip"):
         B.load("no-such-org/no-such-clip", "cpu")

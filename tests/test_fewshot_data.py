@@ -129,6 +129,25 @@ def test_decode_geometry_is_clips(tmp_path):
     assert np.array_equal(decode(ls, 4).images[0], ref)  # bicubic to 4x8, then the middle 4 columns
 
 
+def test_decode_in_worker_processes_equals_in_process(tmp_path, monkeypatch):
+    """Spawned decoding processes, chunked: the same bytes in listing order; a bad image in a
+    worker is the same error naming its file, raised in the caller."""
+    from gram.data import fewshot
+
+    paths = [f"i{k}.png" for k in range(21)]
+    for k, rel in enumerate(paths):
+        image(tmp_path / rel, k, size=(9 + k % 4, 7))
+    ls = Listing("x", "test", tmp_path, paths, np.arange(21) % 3, ["a", "b", "c"], "by hand")
+    one = decode(ls, 5, workers=1)
+    monkeypatch.setattr(fewshot, "PROCESS_MIN_IMAGES", 1)
+    two = decode(ls, 5, workers=2, indices=range(3, 21))  # 18 images: chunks of 8, 8, 2
+    assert np.array_equal(two.images, one.images[3:]) and two.keys == one.keys[3:]
+    assert two.labels.tolist() == one.labels[3:].tolist()
+    (tmp_path / "i17.png").write_bytes(b"not a PNG")
+    with pytest.raises(ValueError, match=r"i17.png \(image x/i17.png\): cannot decode"):
+        decode(ls, 5, workers=2)
+
+
 def test_few_shot_listing_reproducible(tree):
     ls = read(tree, "caltech101", "train")
     a, ha = few_shot_listing(ls, 1, seed=1)

@@ -214,3 +214,21 @@ def test_paper_path_pixels_match_clips_image_processor(tmp_path):
     # resize: measured in pixel units (the normalised difference times CLIP's std) max 2.0/255, mean 0.19/255
     diff = (ours - ref).abs() * torch.tensor(spec.std).view(1, 3, 1, 1)
     assert diff.max() < 3 / 255 and diff.mean() < 0.3 / 255, (diff.max() * 255, diff.mean() * 255)
+
+
+def test_decoded_mb_is_the_largest_test_split_and_the_shots(prepared, tiny_clip_dir, tmp_path):
+    """What a SLURM job's mem_mb adds for its images: the largest test split of any domain of the
+    job's datasets plus the shots of the first, at the backbone's decoded side, 3 bytes a pixel."""
+    from gram.backbone import image_spec
+    from gram.data import decoded_mb, load_dataset
+
+    side = image_spec(tiny_clip_dir).size
+    inet = load_dataset(prepared, "imagenet")["splits"]
+    largest = max(s["test"] for s in inet.values())
+    assert largest == 4 and inet["imagenet_a"]["test"] < largest
+    assert decoded_mb(prepared, ["dtd", "imagenet", "sun397"], tiny_clip_dir, shots=3) == \
+        (largest + 3 * 2) * side * side * 3 / 2**20  # dtd: 2 classes; sun397 not described: nothing
+    assert decoded_mb(prepared, ["dtd"], tmp_path / "no-backbone-yet") == 2 * 224 * 224 * 3 / 2**20
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "smileys.json").write_text('{"source": "emoji", "classes": ["a"], "items": []}')
+    assert decoded_mb(tmp_path, ["smileys"], tiny_clip_dir, shots=8) == 0.0  # shard-backed: not counted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -133,8 +134,33 @@ def test_paper_grid_from_the_command_line(tmp_path):
     """`snakemake -n --config profile=paper` on the committed params.yaml (profile: emoji) lists every job of
     the paper grid, each GPU rule's jobs asking for a GPU and no other job asking for one."""
     cwd = copy_project(tmp_path, "emoji")
+    # descriptions as the download stage writes them, with the real split sizes: a job's mem_mb adds
+    # twice the uint8 images it decodes at 224 px (the largest test split of any domain, plus its shots)
+    inet = {"source": "fewshot", "classes": [f"c{i}" for i in range(1000)],
+            "splits": {"default": {"train": 1281167, "test": 50000}, "imagenet_v2": {"test": 10000},
+                       "imagenet_sketch": {"test": 50889}, "imagenet_a": {"test": 7500}, "imagenet_r": {"test": 30000}}}
+    dtd = {"source": "fewshot", "classes": [f"t{i}" for i in range(47)],
+           "splits": {"default": {"train": 2820, "val": 1128, "test": 1692}}}
+    (cwd / "data/paper/datasets").mkdir(parents=True)
+    for name, doc in (("imagenet", inet), ("dtd", dtd)):
+        (cwd / f"data/paper/datasets/{name}.json").write_text(json.dumps(doc))
     out = run(["snakemake", "-n", "--forceall", "--nocolor", "--cores", "1", "--config", "profile=paper"], cwd)
     blocks = re.split(r"(?m)^(?:local)?rule ", out)[1:]
+    image_mb = 224 * 224 * 3 / 2**20
+
+    def mem(rule: str, wildcards: str) -> int:
+        [b] = [b for b in blocks if b.startswith(rule + ":") and f"wildcards: {wildcards}\n" in b]
+        return int(re.search(r"mem_mb=(\d+)", b).group(1))
+
+    assert mem("few_shot", "profile=paper, dataset=imagenet, method=coop, shots=16, seed=1") == \
+        int(4000 + 2 * (50889 + 16 * 1000) * image_mb)  # 23,204 MB: ImageNet-Sketch and 16,000 shots
+    assert mem("base_to_new", "profile=paper, dataset=dtd, method=coop, shots=16, seed=1") == \
+        int(4000 + 2 * (1692 + 16 * 47) * image_mb)
+    assert mem("transfer", "profile=paper, protocol=cross-dataset, dataset=imagenet, method=coop, shots=16, seed=1") \
+        == int(4000 + 2 * 50889 * image_mb)
+    assert mem("evaluate", "profile=paper, method=zeroshot") == int(4000 + 2 * 50889 * image_mb)
+    assert mem("tpt", "profile=paper, dataset=dtd, method=tpt, seed=1") == int(8000 + 2 * 1692 * image_mb)
+    assert mem("few_shot", "profile=paper, dataset=caltech101, method=coop, shots=16, seed=1") == 4000  # not listed yet
     jobs = Counter(b.split(":", 1)[0] for b in blocks)
     g = yaml.safe_load((cwd / "params.yaml").read_text())["paper"]["grid"]
     n_ds, tuned, seeds = len(g["datasets"]), len(g["tuned"]) + len(g["gram"]), len(g["seeds"])

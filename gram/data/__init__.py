@@ -76,6 +76,37 @@ def dataset_domains(data_dir: str | Path, name: str, wanted=()) -> list[str]:
     return list(wanted) or have
 
 
+def decoded_mb(data_dir: str | Path, datasets, backbone: str | Path, split: str = "test", shots: int = 0) -> float:
+    """MB of uint8 images a job holds at once when it decodes the paper profile's `datasets`.
+
+    The largest `split` of any domain of any of them (scoring decodes one at a time), plus `shots`
+    images per class of the first (few-shot tuning's training images), at the decoded side of the
+    `backbone` directory's preprocessing (224 while it does not exist yet) x 3 bytes an image.
+    0 for datasets read from shards (the emoji profile's images are small) and for
+    datasets whose description the download stage has not written yet. What a SLURM job's `mem_mb`
+    adds for its images (`workflow/rules/resources.smk`).
+    """
+    largest, train = 0, 0
+    for i, name in enumerate(datasets):
+        path = Path(data_dir) / "datasets" / f"{name}.json"
+        if not path.is_file():
+            continue
+        ds = read_json(path)
+        if ds.get("source") != "fewshot":
+            continue
+        largest = max([largest] + [n[split] for n in ds["splits"].values() if split in n])
+        if i == 0:
+            train = shots * len(ds["classes"])
+    if not largest + train:
+        return 0.0
+    size = 224
+    if (Path(backbone) / "preprocessor_config.json").is_file():
+        from gram.backbone import image_spec
+
+        size = image_spec(backbone).size
+    return (largest + train) * size * size * 3 / 2**20
+
+
 def _domain(data_dir: str | Path, name: str, domain: str) -> dict:
     ds = load_dataset(data_dir, name)
     if domain not in ds["domains"]:

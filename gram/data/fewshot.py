@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -282,47 +281,100 @@ def few_shot_listing(listing: Listing, k: int, seed: int) -> tuple[Listing, str]
     return listing.subset(idx), digest
 
 
+PROCESS_MIN_IMAGES = 256  # fewer images than this are decoded in the calling process (no start-up cost)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a SLURM job's allocation, not the node's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _decode_one(path: Path, key: str, source: str, size: int) -> np.ndarray:
+    """One listed image -> [size, size, 3] uint8 with the backbone's geometry (not normalised)."""
+    import torch
+
+    from gram.backbone import ImageSpec, preprocess
+    from gram.data.shards import decode_rgb
+
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read image {key} listed in {source} ({e.strerror})") from None
+    rgb = decode_rgb(data, f"{path} (image {key})")
+    geometry = ImageSpec(size, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # only size and crop are used
+    x = preprocess(np.array(rgb)[None], geometry, normalize=False)  # writable copy; [1, 3, size, size] in [0, 1]
+    return (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # -> [size, size, 3]
+
+
+def _decode_chunk(image_dir: Path, paths: list[str], keys: list[str], source: str, size: int) -> np.ndarray:
+    """Consecutive images of a listing -> [n, size, size, 3] uint8 (what a worker process runs)."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for j, (path, key) in enumerate(zip(paths, keys)):
+        out[j] = _decode_one(image_dir / path, key, source, size)
+    return out
+
+
+def _one_thread() -> None:
+    """Worker initialiser: one intra-op thread per decoding process (N processes x N threads each
+    would oversubscribe the CPUs: the parallelism is across images)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def decode(listing: Listing, size: int, indices=None, workers: int | None = None, domain: str = "default"):
     """Decode (a subset of) a listing to a `gram.data.Split` of size x size images.
+
+    Decoding (JPEG, resize, crop) is CPU work that holds up a GPU evaluation; it runs in `workers`
+    processes (spawned, so safe beside CUDA and torch's thread pools), in chunks of consecutive images,
+    with the results placed in listing order. Fewer than `PROCESS_MIN_IMAGES` images, or one worker,
+    are decoded in this process.
 
     Args:
         listing: what to decode.
         size: output side; shortest side resized to it (bicubic, antialiased), then centre-cropped,
             i.e. `gram.backbone.preprocess` without normalisation.
         indices: items of the listing to decode (default: all).
-        workers: decoding threads (default: up to 8).
+        workers: decoding processes (default: the usable CPUs, at most 16).
         domain: the `Split.domain` to record.
     Returns:
         A `Split` with images [n, size, size, 3] uint8.
+    Raises:
+        FileNotFoundError / ValueError naming the image file (and the listing) that cannot be read or
+        decoded; the remaining chunks are cancelled.
     """
-    import torch
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
-    from gram.backbone import ImageSpec, preprocess
     from gram.data import Split
-    from gram.data.shards import decode_rgb
 
     sub = listing if indices is None else listing.subset(indices)
-    geometry = ImageSpec(size, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # only size and crop are used
-    out = np.empty((len(sub), size, size, 3), dtype=np.uint8)
-    keys = sub.keys
-
-    def load(j: int) -> None:
-        path = sub.image_dir / sub.paths[j]
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise FileNotFoundError(f"{path}: cannot read image {keys[j]} listed in {sub.source} "
-                                    f"({e.strerror})") from None
-        rgb = decode_rgb(data, f"{path} (image {keys[j]})")
-        x = preprocess(np.array(rgb)[None], geometry, normalize=False)  # writable copy; [1, 3, size, size] in [0, 1]
-        out[j] = (x[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()  # -> [size, size, 3]
-
-    pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
+    n, keys = len(sub), sub.keys
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    workers = min(workers or min(16, usable_cpus()), max(1, n))
+    bar = tqdm(total=n, disable=n < 500, desc=f"decode {sub.dataset}/{sub.split}", unit="img")
+    if workers == 1 or n < PROCESS_MIN_IMAGES:
+        for j in range(n):
+            out[j] = _decode_one(sub.image_dir / sub.paths[j], keys[j], sub.source, size)
+            bar.update()
+        bar.close()
+        return Split(sub.dataset, domain, sub.split, list(sub.classes), out, sub.labels.copy(), keys)
+    chunk = int(np.clip(n // (4 * workers), 8, 64))  # >= 4 chunks per worker keeps them all busy to the end
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread)
     try:
-        for _ in tqdm(pool.map(load, range(len(sub))), total=len(sub), disable=len(sub) < 500,
-                      desc=f"decode {sub.dataset}/{sub.split}", unit="img"):
-            pass
+        starts = range(0, n, chunk)
+        futures = [pool.submit(_decode_chunk, sub.image_dir, sub.paths[i:i + chunk], keys[i:i + chunk],
+                               sub.source, size) for i in starts]
+        for i, fut in zip(starts, futures):
+            block = fut.result()
+            out[i:i + len(block)] = block
+            bar.update(len(block))
     finally:
+        bar.close()
         pool.shutdown(cancel_futures=True)  # on the first bad image, do not decode the rest
     return Split(sub.dataset, domain, sub.split, list(sub.classes), out, sub.labels.copy(), keys)

@@ -12,7 +12,7 @@ rule evaluate:
         "../envs/gpu.yaml"
     threads: 4
     resources:
-        mem_mb=memory(4000, backbone=4),
+        mem_mb=memory(4000, evaluate_images, backbone=4),
         runtime=240,
         gpu=1,
     params:

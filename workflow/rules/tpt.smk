@@ -30,7 +30,7 @@ rule tpt:
         "../envs/gpu.yaml"
     threads: 4
     resources:
-        mem_mb=memory(8000, backbone=4),
+        mem_mb=memory(8000, tpt_images, backbone=4),
         runtime=720,
         gpu=1,
     params:

@@ -30,7 +30,7 @@ rule few_shot:
         "../envs/gpu.yaml"
     threads: 4
     resources:
-        mem_mb=memory(4000, backbone=4),
+        mem_mb=memory(4000, tuned_images, backbone=4),
         runtime=240,
         gpu=1,
     params:
@@ -68,7 +68,7 @@ rule base_to_new:
         "../envs/gpu.yaml"
     threads: 4
     resources:
-        mem_mb=memory(4000, backbone=4),
+        mem_mb=memory(4000, tuned_images, backbone=4),
         runtime=240,
         gpu=1,
     params:
@@ -108,7 +108,7 @@ rule transfer:
         "../envs/gpu.yaml"
     threads: 4
     resources:
-        mem_mb=memory(4000, backbone=4),
+        mem_mb=memory(4000, transfer_images, backbone=4),
         runtime=240,
         gpu=1,
     params:
