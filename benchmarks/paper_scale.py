@@ -10,6 +10,8 @@ timings do not depend on the weights), through gram's own code:
 - `text_features`: `Backbone.encode_texts` on "a photo of a <class>." prompts;
 - `tune_step`: seconds per optimisation step of `gram.tune.tune` for CoOp, VPT and the joint prompt
   at the paper recipe's batch (32 images) with C classes (C = 1000: ImageNet);
+- `embed`: `gram.embed.embed_shards` on one shard of 256 x 256 JPEG + caption pairs (img2dataset's
+  default size): pairs per second, and the fraction of the encoder's time spent waiting for input;
 - `decode`: `gram.data.fewshot.decode` of photo-sized JPEGs (500 x 375) to 224 x 224 in each of the
   `--decode-workers` counts of worker processes, their start-up included (the dataset side of every
   evaluation and tuning job; the embed stage's input side is similar).
@@ -58,7 +60,7 @@ def image_cases(bb, args) -> list[dict]:
     out = []
     images = random_images(args.images, args.seed)[:, 16:240, 16:240]  # 224 x 224: no resize, as decoded
     t = median_time(lambda: bb.encode_images(images, args.batch), bb.device, 1, args.repeats)
-    out.append({"case": "image_features", "path": "Backbone.encode_images (CPU normalise + copy + tower)",
+    out.append({"case": "image_features", "path": "Backbone.encode_images (uint8 copy, preprocessing on the device, tower)",
                 "images": len(images), "batch": args.batch, "seconds": t, "per_second": len(images) / t})
     px = normalize_pixels(torch.as_tensor(images[: args.batch]).permute(0, 3, 1, 2).float() / 255, bb.spec)
     px = px.to(bb.device, bb.dtype)
@@ -109,6 +111,42 @@ def tune_cases(bb, words, args) -> list[dict]:
     return out
 
 
+def embed_case(bb, args) -> dict:
+    """`gram.embed.embed_shards` on one webdataset shard of 256 x 256 JPEG pairs (img2dataset's default
+    size): pairs per second end to end and the fraction of the encoder's time spent waiting for input."""
+    from PIL import Image
+
+    from gram.data.shards import write_shards
+    from gram.embed import embed_shards
+
+    rng = np.random.default_rng(args.seed)
+    samples = []
+    for i in range(args.embed_pairs):
+        yy, xx = np.mgrid[0:256, 0:256] / 256
+        rgb = np.stack([128 + 100 * np.sin(6 * xx + i), 128 + 100 * np.cos(4 * yy), 255 * xx * yy], -1)
+        rgb = np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+        samples.append({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": f"a photo of thing {i}".encode()})
+    with tempfile.TemporaryDirectory() as tmp:
+        (shard,) = write_shards(samples, Path(tmp) / "shards", len(samples))
+        model_dir = Path(tmp) / "model"  # embed fingerprints the backbone's files; the weights live in `bb`
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text("{}")
+        embed_shards(bb, [Path(tmp) / "shards" / shard], Path(tmp) / "warm", model_dir, args.batch,
+                     args.embed_workers)  # warm-up
+        sync(bb.device)
+        t0 = time.perf_counter()
+        rep = embed_shards(bb, [Path(tmp) / "shards" / shard], Path(tmp) / "out", model_dir, args.batch,
+                           args.embed_workers)
+        sync(bb.device)
+        t = time.perf_counter() - t0
+    return {"case": "embed", "path": "embed_shards, 256x256 JPEG + caption pairs, one shard",
+            "pairs": rep["pairs"], "batch": args.batch, "decode_threads": args.embed_workers, "seconds": t,
+            "per_second": rep["pairs"] / t, "decode_s": rep["decode_s"], "encode_s": rep["encode_s"],
+            "wait_s": rep["wait_s"], "input_wait_fraction": rep["wait_s"] / max(rep["wait_s"] + rep["encode_s"], 1e-9)}
+
+
 def decode_cases(args) -> list[dict]:
     from PIL import Image
 
@@ -145,16 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=lambda s: [int(x) for x in s.split(",")], default=[100, 1000])
     p.add_argument("--tune-batch", type=int, default=32)
     p.add_argument("--tune-steps", type=int, default=5, help="steps per timed tuning run")
+    p.add_argument("--embed-pairs", type=int, default=4096)
+    p.add_argument("--embed-workers", type=int, default=16, help="decoding threads of the embed case")
     p.add_argument("--decode-images", type=int, default=1024)
     p.add_argument("--decode-workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8],
                    help="worker process counts to time, comma-separated")
+    p.add_argument("--cases", type=lambda s: s.split(","),
+                   default=["image_features", "text_features", "tune_step", "embed", "decode"],
+                   help="comma-separated cases to run (default: all)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/paper-scale-<device>.json)")
     args = p.parse_args(argv)
     device, dtype = device_and_dtype(args)
     bb, words, info = build_backbone(device, dtype, args.seed, 2000)
-    results = image_cases(bb, args) + [text_case(bb, words, args)] + tune_cases(bb, words, args) + decode_cases(args)
+    cases = {"image_features": lambda: image_cases(bb, args), "text_features": lambda: [text_case(bb, words, args)],
+             "tune_step": lambda: tune_cases(bb, words, args), "embed": lambda: [embed_case(bb, args)],
+             "decode": lambda: decode_cases(args)}
+    unknown = set(args.cases) - set(cases)
+    if unknown:
+        p.error(f"unknown case(s) {sorted(unknown)}: choose from {', '.join(cases)}")
+    results = [r for name in args.cases for r in cases[name]()]
     env = base_environment(device, dtype)
     import transformers
 

@@ -14,12 +14,13 @@ shard (`gram.data.shards.ShardPairs`): their keys are absent from the file, so e
 the same keys. A shard that cannot be read as a whole stops the run with a `ShardError` naming it.
 
 Input pipeline: an input thread streams the shards in order and has a pool of `workers` threads
-decode, resize and centre-crop each image exactly as the backbone's preprocessing does (PIL decoding
-and torch's resampling release the GIL), queueing batches of `batch_size` pixels (any image size:
-each image is resized on its own) up to `prefetch` batches ahead, so at most a few batches of a
-shard are in memory. The main thread only moves a batch to the device, normalises it there and runs
-the encoders, so decoding and resizing stay off its path; the record gives the seconds it waited for
-input (`wait_s`) against the seconds it encoded.
+decode each image (PIL releases the GIL while it decodes), queueing batches of `batch_size` uint8
+images up to `prefetch` batches ahead (pinned on CUDA), so at most a few batches of a shard are in
+memory. The main thread copies a batch to the device as uint8 and resizes, centre-crops and
+normalises it there exactly as the backbone's preprocessing does (one call for a batch of one image
+size, the usual img2dataset shard; image by image otherwise), then runs the encoders: the CPU only
+decodes. The record gives the seconds the encoder waited for input (`wait_s`) against the seconds it
+encoded.
 
 The stage (`gram embed`) embeds the shards of every corpus domain (emoji: `data.vendors.meta`) into a
 work cache beside its output (`<out parent>/.<out name>.cache/<domain>/`), which survives a failed or
@@ -46,6 +47,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger("gram.embed")
@@ -80,17 +82,41 @@ def read_shard(url: str | Path):
     return ShardPairs(url)
 
 
-def _pixels(data: bytes, where: str, spec) -> torch.Tensor | None:
-    """One image: decode, resize and centre-crop as the backbone does (not yet normalised) -> [3, crop, crop];
-    None when the bytes do not decode."""
-    from gram.backbone import preprocess
+def _rgb(data: bytes, where: str):
+    """One image decoded -> [H, W, 3] uint8 (resized later, on the encoder's device); None when the
+    bytes do not decode."""
     from gram.data.shards import decode_rgb
 
     try:
-        rgb = decode_rgb(data, where)
+        return decode_rgb(data, where)
     except ValueError:
         return None
-    return preprocess(torch.tensor(rgb)[None], spec, normalize=False)[0]
+
+
+def _batch_images(images: list) -> torch.Tensor | list[torch.Tensor]:
+    """Decoded images of one batch as one uint8 tensor [B, H, W, 3] when they share a size (the usual
+    img2dataset shard), else a list of [H, W, 3] tensors (each is resized on its own)."""
+    if len({im.shape for im in images}) == 1:
+        return torch.from_numpy(np.stack(images))
+    return [torch.from_numpy(np.array(im)) for im in images]  # writable copies (PIL's are read-only)
+
+
+def _pin(x, pin: bool):
+    if not pin:
+        return x
+    return [t.pin_memory() for t in x] if isinstance(x, list) else x.pin_memory()
+
+
+def _pixel_values(x, spec, device) -> torch.Tensor:
+    """A batch from `_batch_images` -> pixel values [B, 3, crop, crop] on `device`: copied as uint8 (a
+    quarter of the bytes of float pixels), then resized, cropped and normalised there
+    (`gram.backbone.preprocess`, exactly)."""
+    from gram.backbone import preprocess
+
+    nb = device.type == "cuda"
+    if isinstance(x, list):
+        return torch.cat([preprocess(t.to(device, non_blocking=nb)[None], spec) for t in x])
+    return preprocess(x.to(device, non_blocking=nb), spec)
 
 
 def _chunks(items, size: int):
@@ -105,14 +131,14 @@ def _chunks(items, size: int):
         yield chunk
 
 
-def _decoded(pairs, spec, batch_size: int, pool: ThreadPoolExecutor):
-    """Lists of `batch_size` (key, pixels [3, crop, crop], caption) of a shard's pairs (the last may be
+def _decoded(pairs, batch_size: int, pool: ThreadPoolExecutor):
+    """Lists of `batch_size` (key, image [H, W, 3] uint8, caption) of a shard's pairs (the last may be
     shorter), decoded on `pool`; a pair whose image does not decode is counted in `pairs.skipped` and
     left out, and the batch is refilled from the next ones, so the kept pairs are batched (and encoded)
     exactly as in a shard without the skipped ones."""
     ready = []  # decoded pairs not yet handed on, in order
     for chunk in _chunks(pairs, batch_size):
-        px = pool.map(lambda x: _pixels(x[1], f"{pairs.url}:{x[0]}", spec), chunk)
+        px = pool.map(lambda x: _rgb(x[1], f"{pairs.url}:{x[0]}"), chunk)
         for (key, _, caption), p in zip(chunk, px):
             if p is None:
                 pairs.skip(key, "undecodable")
@@ -128,11 +154,11 @@ def _decoded(pairs, spec, batch_size: int, pool: ThreadPoolExecutor):
 _DONE = object()  # end of a shard in the input queue
 
 
-def _produce(todo: list[str], spec, batch_size: int, workers: int, q: queue.Queue, stop: threading.Event,
+def _produce(todo: list[str], batch_size: int, workers: int, q: queue.Queue, stop: threading.Event,
              pin: bool = False) -> None:
-    """Input thread: stream every shard, decode and preprocess its images on `workers` threads, and queue
-    (shard index, keys, pixels [B, 3, crop, crop], captions, seconds) batches, then (shard index, _DONE,
-    skip counts by reason) per shard; `pin`: in page-locked memory, so the copy to a CUDA device can
+    """Input thread: stream every shard, decode its images on `workers` threads, and queue (shard index,
+    keys, uint8 images (`_batch_images`), captions, seconds) batches, then (shard index, _DONE, skip
+    counts by reason) per shard; `pin`: in page-locked memory, so the copy to a CUDA device can
     overlap. An exception is queued for the consumer to raise."""
     def put(item) -> bool:
         while not stop.is_set():
@@ -148,10 +174,9 @@ def _produce(todo: list[str], spec, batch_size: int, workers: int, q: queue.Queu
             for i, url in enumerate(todo):
                 t0 = time.perf_counter()
                 pairs = read_shard(url)
-                for batch in _decoded(pairs, spec, batch_size, pool):
-                    px = torch.stack([p for _, p, _ in batch])  # [B, 3, crop, crop]
-                    item = (i, [k for k, _, _ in batch], px.pin_memory() if pin else px, [c for _, _, c in batch],
-                            time.perf_counter() - t0)
+                for batch in _decoded(pairs, batch_size, pool):
+                    px = _pin(_batch_images([im for _, im, _ in batch]), pin)
+                    item = (i, [k for k, _, _ in batch], px, [c for _, _, c in batch], time.perf_counter() - t0)
                     if not put(item):
                         return
                     t0 = time.perf_counter()
@@ -211,7 +236,7 @@ def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_s
     Args:
         bb: a loaded `gram.backbone.Backbone`; model_dir: its directory (for the fingerprint).
         shards: paths, URLs, brace patterns or a directory (`gram.data.shards.expand_shards`).
-        workers: threads that decode and preprocess images; prefetch: batches queued ahead of the encoder.
+        workers: threads that decode images; prefetch: batches queued ahead of the encoder.
     Returns:
         {"computed": [shard names], "kept": [shard names], "pairs": pairs embedded now,
          "shards": {shard name: {"pairs": n, "skipped": {reason: n}}} of every shard, computed or kept,
@@ -252,12 +277,10 @@ def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_s
                  len(urls), len(todo))
     if not todo:
         return report
-    from gram.backbone import normalize_pixels
-
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     producer = threading.Thread(target=_produce, daemon=True, name="embed-input",
-                                args=([u for u, _, _ in todo], bb.spec, batch_size, workers, q, stop,
+                                args=([u for u, _, _ in todo], batch_size, workers, q, stop,
                                       bb.device.type == "cuda"))
     producer.start()
     bar = tqdm(total=len(todo), desc=f"embed {out_dir.name}", unit="shard")
@@ -276,7 +299,7 @@ def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_s
                 _, k, px, captions, decode_s = item
                 t1 = time.perf_counter()
                 with torch.no_grad():
-                    pv = normalize_pixels(px.to(bb.device, non_blocking=True), bb.spec).to(bb.dtype)
+                    pv = _pixel_values(px, bb.spec, bb.device).to(bb.dtype)
                     f = bb.model.get_image_features(pixel_values=pv).pooler_output.float()
                 imgs.append(torch.nn.functional.normalize(f, dim=-1).cpu())  # [B, E]
                 txts.append(bb.encode_texts(captions, batch_size).cpu())  # [B, E]
