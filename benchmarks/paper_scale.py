@@ -111,23 +111,27 @@ def tune_cases(bb, words, args) -> list[dict]:
     return out
 
 
+def photo_jpeg(i: int, height: int, width: int, rng) -> bytes:
+    """A photo-like JPEG (smooth gradients plus sensor-like noise; quality 90), the i-th of a series."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:height, 0:width] / width
+    rgb = np.stack([128 + 100 * np.sin(6 * xx + i), 128 + 100 * np.cos(4 * yy), 255 * xx * yy], -1)
+    rgb = np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def embed_case(bb, args) -> dict:
     """`gram.embed.embed_shards` on one webdataset shard of 256 x 256 JPEG pairs (img2dataset's default
     size): pairs per second end to end and the fraction of the encoder's time spent waiting for input."""
-    from PIL import Image
-
     from gram.data.shards import write_shards
     from gram.embed import embed_shards
 
     rng = np.random.default_rng(args.seed)
-    samples = []
-    for i in range(args.embed_pairs):
-        yy, xx = np.mgrid[0:256, 0:256] / 256
-        rgb = np.stack([128 + 100 * np.sin(6 * xx + i), 128 + 100 * np.cos(4 * yy), 255 * xx * yy], -1)
-        rgb = np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
-        samples.append({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "txt": f"a photo of thing {i}".encode()})
+    samples = [{"__key__": f"{i:06d}", "jpg": photo_jpeg(i, 256, 256, rng), "txt": f"a photo of thing {i}".encode()}
+               for i in range(args.embed_pairs)]
     with tempfile.TemporaryDirectory() as tmp:
         (shard,) = write_shards(samples, Path(tmp) / "shards", len(samples))
         model_dir = Path(tmp) / "model"  # embed fingerprints the backbone's files; the weights live in `bb`
@@ -148,20 +152,13 @@ def embed_case(bb, args) -> dict:
 
 
 def decode_cases(args) -> list[dict]:
-    from PIL import Image
-
     from gram.data import fewshot
 
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i in range(args.decode_images):
-            yy, xx = np.mgrid[0:375, 0:500] / 500
-            rgb = np.stack([128 + 100 * np.sin(6 * xx + i), 128 + 100 * np.cos(4 * yy), 255 * xx * yy], -1)
-            rgb = np.clip(rgb + rng.normal(0, 10, rgb.shape), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
-            (Path(tmp) / f"{i}.jpg").write_bytes(buf.getvalue())
+            (Path(tmp) / f"{i}.jpg").write_bytes(photo_jpeg(i, 375, 500, rng))
             paths.append(f"{i}.jpg")
         listing = fewshot.Listing("bench", "test", Path(tmp), paths, np.zeros(len(paths), dtype=np.int64), ["x"],
                                   "benchmark")
