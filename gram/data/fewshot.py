@@ -36,6 +36,7 @@ a dataset whose folder is absent raises `DatasetMissing`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from dataclasses import dataclass, replace
@@ -336,12 +337,20 @@ def _decoder_pool(workers: int):
 
     pool = _POOL.get(workers)
     if pool is None:
-        for old in _POOL.values():
-            old.shutdown(cancel_futures=True)
-        _POOL.clear()
+        _close_pools()
         pool = _POOL[workers] = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                                     initializer=_one_thread)
     return pool
+
+
+def _close_pools() -> None:
+    """Stop the kept decoding processes (at exit too: a pool left to interpreter teardown prints errors)."""
+    for pool in _POOL.values():
+        pool.shutdown(cancel_futures=True)
+    _POOL.clear()
+
+
+atexit.register(_close_pools)
 
 
 def decode(listing: Listing, size: int, indices=None, workers: int | None = None, domain: str = "default"):
