@@ -243,7 +243,8 @@ class ProtocolParams:
 class EmbedParams:
     batch_size: int = _f(256, help="images (and captions) per forward pass; device and dtype are backbone's",
                          min=1)
-    workers: int = _f(0, help="threads that decode and preprocess images (0: one per CPU core)", min=0)
+    workers: int = _f(0, help="threads that decode images; the encoder's device resizes them (0: one per CPU core)",
+                      min=0)
     max_skip_fraction: float = _f(0.01, help="the stage fails (publishing nothing, keeping what it embedded) "
                                              "when more than this share of the corpus samples is skipped: no "
                                              "image, no caption, or an image that does not decode",
