@@ -38,20 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchenv import base_environment, device_and_dtype, sync  # noqa: E402
-from tpt import TEMPLATE, build_backbone, random_images, synthetic_names  # noqa: E402
+from tpt import TEMPLATE, build_backbone, random_images, synthetic_names, timed  # noqa: E402
 
 
 def median_time(fn, device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
 
 def image_cases(bb, args) -> list[dict]:

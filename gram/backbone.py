@@ -125,13 +125,17 @@ class Backbone:
         CUDA) and is resized, cropped and normalised there: on a GPU the CPU would otherwise bound the
         throughput. On the CPU the arithmetic is `preprocess` exactly."""
         out = []
-        pin = self.device.type == "cuda"
         for i in range(0, len(images), batch_size):
             x = torch.as_tensor(images[i:i + batch_size])
-            x = x.pin_memory() if pin else x
-            px = preprocess(x.to(self.device, non_blocking=pin), self.spec).to(self.dtype)
+            px = self.pixel_values(x.pin_memory() if self.device.type == "cuda" else x)
             out.append(self.model.get_image_features(pixel_values=px).pooler_output.float())
         return F.normalize(torch.cat(out), dim=-1)
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, H, W, 3] (pinned when the device is CUDA, so the copy overlaps) -> the model's pixel
+        values [N, 3, crop, crop] in its dtype, copied as uint8 and preprocessed on the device."""
+        x = images.to(self.device, non_blocking=self.device.type == "cuda")
+        return preprocess(x, self.spec).to(self.dtype)
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:

@@ -107,16 +107,12 @@ def _pin(x, pin: bool):
     return [t.pin_memory() for t in x] if isinstance(x, list) else x.pin_memory()
 
 
-def _pixel_values(x, spec, device) -> torch.Tensor:
-    """A batch from `_batch_images` -> pixel values [B, 3, crop, crop] on `device`: copied as uint8 (a
-    quarter of the bytes of float pixels), then resized, cropped and normalised there
-    (`gram.backbone.preprocess`, exactly)."""
-    from gram.backbone import preprocess
-
-    nb = device.type == "cuda"
+def _pixel_values(bb, x) -> torch.Tensor:
+    """A batch from `_batch_images` -> the model's pixel values [B, 3, crop, crop] on its device
+    (`Backbone.pixel_values`; image by image when the sizes differ)."""
     if isinstance(x, list):
-        return torch.cat([preprocess(t.to(device, non_blocking=nb)[None], spec) for t in x])
-    return preprocess(x.to(device, non_blocking=nb), spec)
+        return torch.cat([bb.pixel_values(t[None]) for t in x])
+    return bb.pixel_values(x)
 
 
 def _chunks(items, size: int):
@@ -299,7 +295,7 @@ def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_s
                 _, k, px, captions, decode_s = item
                 t1 = time.perf_counter()
                 with torch.no_grad():
-                    pv = _pixel_values(px, bb.spec, bb.device).to(bb.dtype)
+                    pv = _pixel_values(bb, px)
                     f = bb.model.get_image_features(pixel_values=pv).pooler_output.float()
                 imgs.append(torch.nn.functional.normalize(f, dim=-1).cpu())  # [B, E]
                 txts.append(bb.encode_texts(captions, batch_size).cpu())  # [B, E]

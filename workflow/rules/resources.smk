@@ -53,7 +53,7 @@ def evaluate_images(wildcards):
     prof = PARAMS.active(wildcards.profile)
     names = [
         *prof.evaluate.datasets,
-        *config["grid"]["datasets"],
+        *PARAMS.grid_of(wildcards.profile).datasets,
         *prof.protocols.cross_dataset,
     ]
     return list(dict.fromkeys(names)), 0
