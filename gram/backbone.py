@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -459,7 +458,6 @@ def corpus_texts(shard_dirs: list[Path]) -> list[str]:
 def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path | None, out: str | Path) -> dict:
     """Write the backbone directory `out`: a pretrained small CLIP, or a copy of `cfg.model`."""
     out = Path(out)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     if cfg.source == "hub":
         bb = load(cfg.model, cfg.device, "float32")
         with atomic_dir(out) as tmp:

@@ -12,7 +12,7 @@ import sys
 import time
 
 from gram import config as C
-from gram.io import setup_logging
+from gram.io import job_threads, setup_logging
 
 # stage name -> module whose `main(argv)` runs it (or "module:function"); a literal table, no registry
 STAGES = {
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target, _, func = STAGES[argv[0]][0].partition(":")  # "module" (its main) or "module:function"
     entry = getattr(importlib.import_module(target), func or "main")
+    if "torch" in sys.modules:  # a stage that computes: as many threads as its job was given
+        sys.modules["torch"].set_num_threads(job_threads())
     t0 = time.time()
     try:
         entry(argv[1:])

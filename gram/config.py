@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-PROFILES = ("emoji", "paper", "tiny", "paper_smoke")
+PROFILES = ("emoji", "demo", "paper", "tiny", "paper_smoke")
 
 
 class ConfigError(ValueError):
@@ -467,9 +467,10 @@ class GridParams:
 
 @dataclass(frozen=True)
 class Params:
-    profile: Literal["emoji", "paper", "tiny", "paper_smoke"] = _f("emoji", help="active profile")
+    profile: Literal["emoji", "demo", "paper", "tiny", "paper_smoke"] = _f("emoji", help="active profile")
     grid: GridParams = _f(factory=GridParams, help="evaluation fan-out shared by all profiles")
     emoji: ProfileParams = _f(factory=ProfileParams, help="laptop-sized emoji world")
+    demo: ProfileParams = _f(factory=ProfileParams, help="the emoji world with demo budgets and grid (`make demo`)")
     paper: ProfileParams = _f(factory=ProfileParams, help="the paper's setup (real CLIP, CC3M, 11 datasets)")
     tiny: ProfileParams = _f(factory=ProfileParams, help="seconds-sized profile for tests")
     paper_smoke: ProfileParams = _f(factory=ProfileParams, help="the paper profile's code path on tiny fake data "

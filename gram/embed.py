@@ -50,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gram.io import job_threads
+
 log = logging.getLogger("gram.embed")
 
 
@@ -431,12 +433,12 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
     cache = out.with_name(f".{out.name}.cache")
     bb = B.load(model_dir, backbone_cfg.device, backbone_cfg.dtype)
     record = {"backbone": str(model_dir), "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."),
-              "batch_size": cfg.batch_size, "workers": cfg.workers or os.cpu_count() or 1, "domains": {}}
+              "batch_size": cfg.batch_size, "workers": cfg.workers or job_threads(), "domains": {}}
     t0 = time.perf_counter()
     stems, skips = {}, {}
     for domain, shards in dirs.items():
         stems[domain] = [shard_stem(u) for u in shards]
-        rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size, cfg.workers or os.cpu_count() or 1)
+        rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size, cfg.workers or job_threads())
         pairs = sum(r["pairs"] for r in rep["shards"].values())
         skips[domain] = skip_record(rep["shards"])
         busy = rep["encode_s"] + rep["wait_s"]

@@ -22,6 +22,28 @@ from typing import Any, Iterator
 log = logging.getLogger("gram")
 
 
+def job_threads() -> int:
+    """CPU threads this job may use.
+
+    `OMP_NUM_THREADS` when set: Snakemake sets it to the rule's `threads` for every job (locally and
+    inside SLURM jobs), and a user may set it by hand. Otherwise the CPUs this process may run on (a
+    SLURM allocation or a `taskset`, not the machine's count).
+    """
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            raise ValueError(f"OMP_NUM_THREADS={value!r}: must be a positive integer") from None
+        if n < 1:
+            raise ValueError(f"OMP_NUM_THREADS={value!r}: must be a positive integer")
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""

@@ -70,6 +70,7 @@ from tqdm import tqdm
 from gram import distributed
 from gram.config import MetaParams, to_dict
 from gram.distributed import World
+from gram.io import job_threads
 from gram.regulator import Regulators, regulate
 
 log = logging.getLogger("gram.meta")
@@ -175,7 +176,7 @@ class LazyPixels:
         self._ext = np.array([self.exts.index(local[r][3]) for r in rows], dtype=np.int8)
         self._raw = dict(raw)
         self.cache_rows = cache_rows
-        self.workers = workers or min(8, os.cpu_count() or 1)
+        self.workers = workers or min(8, job_threads())
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def __len__(self) -> int:

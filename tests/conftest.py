@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -89,3 +90,82 @@ def tiny_trained_dir(tmp_path_factory, tiny_data, tiny_params) -> Path:
     prof = tiny_params[1]
     B.run(prof.backbone, prof.data.vendors.pretrain, tiny_data, out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny DAG, run once per test session by each tool: the end-to-end checks (test_e2e_tiny.py),
+# the SLURM comparison and report (test_slurm.py) and the DVC remote (test_dvc_remote.py) all read
+# these two runs instead of building their own.
+# --------------------------------------------------------------------------------------------
+# 2 seeds (so std exists), 2 shot counts, three plain methods (text, joint text+visual, linear probe),
+# one GRAM method over one meta-training recipe, and three test-time methods (words init, the few-shot
+# CoOp prompt, GRAM's structure recipe)
+TINY_GRID = {"methods": ["zeroshot", "zeroshot-ensemble"], "tuned": ["coop", "joint", "linear-probe"],
+             "meta": ["coop", "coop-tpt"], "gram": [{"method": "coop+gram", "meta": "coop"}],
+             "datasets": ["subgroup16"], "shots": [1, 2], "seeds": [1, 2], "base_to_new_shots": 2,
+             "transfer": {"dataset": "subgroup16", "shots": 2},
+             "tpt": {"datasets": ["subgroup16"], "words": ["tpt"], "tuned": [{"method": "tpt+coop", "prompt": "coop"}],
+                     "gram": [{"method": "tpt+gram", "meta": "coop-tpt"}]}}
+GIT = ["git", "-c", "user.name=gram-test", "-c", "user.email=gram-test@example.org", "-c", "init.defaultBranch=main"]
+
+
+def dvc_outputs(cwd: Path) -> dict[str, bytes]:
+    """The contents of every output dvc.lock records (files, and the files under directories), by path."""
+    import yaml
+
+    lock = yaml.safe_load((cwd / "dvc.lock").read_text())
+    paths = [cwd / o["path"] for st in lock["stages"].values() for o in st.get("outs", [])]
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    return {str(f.relative_to(cwd)): f.read_bytes() for f in files if f.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_snakemake_run(tmp_path_factory) -> Path:
+    """The tiny DAG over TINY_GRID, run by `snakemake --cores 2` in a copy of the project.
+
+    Tests may dry-run with edited params but must restore params.yaml (see `edited_params`)."""
+    from test_pipeline_parity import copy_project, run
+
+    cwd = copy_project(tmp_path_factory.mktemp("smk"), "tiny", TINY_GRID)
+    run(["snakemake", "--cores", "2", "--nocolor"], cwd)
+    return cwd
+
+
+@pytest.fixture(scope="session")
+def tiny_dvc_run(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """The tiny DAG over TINY_GRID, run by `dvc repro` in a git repository whose dvc.lock is committed and
+    whose outputs are pushed to the project's default remote (`../gram-dvc-remote` beside it).
+
+    Returns the repository and the outputs as published (later tests rerun stages in the repository)."""
+    from test_pipeline_parity import copy_project, run
+
+    src = copy_project(tmp_path_factory.mktemp("team") / "src", "tiny", TINY_GRID)
+    shutil.rmtree(src / ".dvc")
+    shutil.copy2(ROOT / ".gitignore", src / ".gitignore")
+    run([*GIT, "init", "-q"], src)
+    run(["dvc", "init", "-q"], src)
+    shutil.copy2(ROOT / ".dvc/config", src / ".dvc/config")  # the project's default remote
+    run([*GIT, "add", "-A"], src)
+    run([*GIT, "commit", "-q", "-m", "pipeline"], src)
+    run(["dvc", "repro"], src)
+    run([*GIT, "add", "-A"], src)
+    run([*GIT, "commit", "-q", "-m", "dvc.lock"], src)
+    out = run(["dvc", "push"], src)
+    assert "pushed" in out, out
+    return src, dvc_outputs(src)
+
+
+@contextlib.contextmanager
+def edited_params(cwd: Path, edit):
+    """params.yaml of a shared run with `edit(raw_dict)` applied, restored byte for byte afterwards."""
+    import yaml
+
+    path = cwd / "params.yaml"
+    original = path.read_bytes()
+    raw = yaml.safe_load(original)
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        yield path
+    finally:
+        path.write_bytes(original)

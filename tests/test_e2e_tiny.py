@@ -15,46 +15,33 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from test_pipeline_parity import copy_project, run
+from conftest import TINY_GRID, edited_params
+from test_pipeline_parity import run
 
 pytestmark = pytest.mark.slow
 
-# 2 seeds (so std exists), 2 shot counts, three plain methods (text, joint text+visual, linear probe),
-# one GRAM method over one meta-training recipe, and three test-time methods (words init, the few-shot
-# CoOp prompt, GRAM's structure recipe)
-GRID = {"methods": ["zeroshot", "zeroshot-ensemble"], "tuned": ["coop", "joint", "linear-probe"],
-        "meta": ["coop", "coop-tpt"], "gram": [{"method": "coop+gram", "meta": "coop"}],
-        "datasets": ["subgroup16"], "shots": [1, 2], "seeds": [1, 2], "base_to_new_shots": 2,
-        "transfer": {"dataset": "subgroup16", "shots": 2},
-        "tpt": {"datasets": ["subgroup16"], "words": ["tpt"], "tuned": [{"method": "tpt+coop", "prompt": "coop"}],
-                "gram": [{"method": "tpt+gram", "meta": "coop-tpt"}]}}
+GRID = TINY_GRID
 TPT_METHODS = ["tpt", "tpt+coop", "tpt+gram"]
 METHODS = GRID["tuned"] + [e["method"] for e in GRID["gram"]]
 TUNED_JOBS = 4 * 2 * 2 + 4 * 2 + 2 * 4 * 2  # few-shot + base-to-new + transfer
 TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
 
 
-def edit_tiny(params: Path, pattern: str, repl: str) -> None:
-    """Substitute once inside the `tiny:` section of params.yaml (the test fails if nothing matched)."""
-    text = params.read_text()
-    tiny = text.index("\ntiny:")
-    head, tail = text[:tiny], text[tiny:]
-    tail, n = re.subn(pattern, repl, tail, count=1)
-    assert n == 1, pattern
-    params.write_text(head + tail)
+def bump_tiny_steps(raw: dict) -> None:
+    raw["tiny"]["backbone"]["pretrain"]["steps"] += 1
 
 
-def bump_tiny_steps(params: Path) -> None:
-    edit_tiny(params, r"(\n      steps: )30\b", r"\g<1>31")
+def bump_coop_lr(raw: dict) -> None:
+    raw["tiny"]["methods"]["coop"]["lr"] = 3.0e-3
 
 
-def bump_coop_lr(params: Path) -> None:
-    edit_tiny(params, r"(\n    coop: \{kind: coop, init: \"a \{\} emoji\", optimizer: adam, lr: )2.0e-3", r"\g<1>3.0e-3")
+def set_tiny_task_seed(seed: int):
+    def edit(raw: dict) -> None:
+        raw["tiny"]["tasks"]["seed"] = seed
 
-
-def set_tiny_task_seed(params: Path, seed: int) -> None:
-    edit_tiny(params, r"(\n  tasks: \{.*seed: )[0-9]+,", rf"\g<1>{seed},")
+    return edit
 
 
 STRUCTURE = ["data/tiny/chc/hierarchy.safetensors", "data/tiny/chc/keys.txt", "data/tiny/tasks/tasks.safetensors",
@@ -74,19 +61,16 @@ def tune_jobs_snakemake_would_run(cwd: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def snakemake_run(tmp_path_factory) -> Path:
-    cwd = copy_project(tmp_path_factory.mktemp("smk"), "tiny", GRID)
-    run(["snakemake", "--cores", "2", "--nocolor"], cwd)
-    return cwd
+def snakemake_run(tiny_snakemake_run) -> Path:
+    return tiny_snakemake_run
 
 
 @pytest.fixture(scope="module")
-def dvc_run(tmp_path_factory) -> Path:
-    cwd = copy_project(tmp_path_factory.mktemp("dvc"), "tiny", GRID)
-    run(["dvc", "repro"], cwd)
-    return cwd
+def dvc_run(tiny_dvc_run) -> Path:
+    return tiny_dvc_run[0]
 
 
+@pytest.mark.fast_e2e
 def test_snakemake_builds_the_table(snakemake_run):
     md = (snakemake_run / "results/tiny/zero_shot.md").read_text()
     assert "## subgroup (9 classes" in md and "## group (3 classes" in md
@@ -97,6 +81,7 @@ def test_snakemake_builds_the_table(snakemake_run):
     assert len(list((snakemake_run / "results/tiny/runs").rglob("*.json"))) == TUNED_JOBS
 
 
+@pytest.mark.fast_e2e
 def test_snakemake_builds_the_protocol_tables(snakemake_run):
     out = snakemake_run / "results/tiny"
     for name in TABLES:
@@ -114,6 +99,7 @@ def test_snakemake_builds_the_protocol_tables(snakemake_run):
     cell = summary["few-shot"]["subgroup16"]["coop"]["2"]
     assert cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0
 
+@pytest.mark.fast_e2e
 def test_snakemake_builds_the_meta_training_structure(snakemake_run):
     assert sorted(p.name for p in (snakemake_run / "data/tiny/embed/facebook").iterdir()) == ["00000.safetensors",
                                                                                             "00001.safetensors"]
@@ -126,6 +112,7 @@ def test_snakemake_builds_the_meta_training_structure(snakemake_run):
     assert (snakemake_run / "results/tiny/meta_training.png").stat().st_size > 0
 
 
+@pytest.mark.fast_e2e
 def test_snakemake_builds_the_test_time_table(snakemake_run):
     import json
 
@@ -141,33 +128,34 @@ def test_snakemake_builds_the_test_time_table(snakemake_run):
 
 
 def test_snakemake_task_param_reruns_only_tasks_and_gram(snakemake_run):
-    set_tiny_task_seed(snakemake_run / "params.yaml", 5)
-    assert jobs_snakemake_would_run(snakemake_run) == {"tasks", "meta", "few_shot", "base_to_new", "transfer",
-                                                       "report", "tpt", "tpt_report"}
-    out = run(["snakemake", "-n", "-p", "--cores", "2", "--nocolor"], snakemake_run)
-    assert set(re.findall(r"gram tpt .*--method (\S+)", out)) == {"tpt+gram"}
-    assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop+gram"}
-    set_tiny_task_seed(snakemake_run / "params.yaml", 0)
+    with edited_params(snakemake_run, set_tiny_task_seed(5)):
+        assert jobs_snakemake_would_run(snakemake_run) == {"tasks", "meta", "few_shot", "base_to_new", "transfer",
+                                                           "report", "tpt", "tpt_report"}
+        out = run(["snakemake", "-n", "-p", "--cores", "2", "--nocolor"], snakemake_run)
+        assert set(re.findall(r"gram tpt .*--method (\S+)", out)) == {"tpt+gram"}
+        assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop+gram"}
     assert "Nothing to be done" in run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
 
 
+@pytest.mark.fast_e2e
 def test_snakemake_second_run_does_nothing(snakemake_run):
     out = run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
     assert "Nothing to be done" in out, out
 
 
 def test_snakemake_backbone_param_reruns_only_its_dependants(snakemake_run):
-    bump_coop_lr(snakemake_run / "params.yaml")
-    # the coop prompt is tpt+coop's init: its test-time jobs follow
-    assert jobs_snakemake_would_run(snakemake_run) == {"few_shot", "base_to_new", "transfer", "report", "tpt",
-                                                       "tpt_report"}
-    assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop"}
-    out = run(["snakemake", "-n", "-p", "--cores", "2", "--nocolor"], snakemake_run)
-    assert set(re.findall(r"gram tpt .*--method (\S+)", out)) == {"tpt+coop"}
-    bump_tiny_steps(snakemake_run / "params.yaml")
-    assert jobs_snakemake_would_run(snakemake_run) == {"backbone", "evaluate", "few_shot", "base_to_new",
-                                                       "transfer", "report", "embed", "cluster", "tasks",
-                                                       "prototypes", "meta", "tpt", "tpt_report"}
+    with edited_params(snakemake_run, bump_coop_lr):
+        # the coop prompt is tpt+coop's init: its test-time jobs follow
+        assert jobs_snakemake_would_run(snakemake_run) == {"few_shot", "base_to_new", "transfer", "report", "tpt",
+                                                           "tpt_report"}
+        assert {m for _, m in tune_jobs_snakemake_would_run(snakemake_run)} == {"coop"}
+        out = run(["snakemake", "-n", "-p", "--cores", "2", "--nocolor"], snakemake_run)
+        assert set(re.findall(r"gram tpt .*--method (\S+)", out)) == {"tpt+coop"}
+    with edited_params(snakemake_run, bump_tiny_steps):
+        assert jobs_snakemake_would_run(snakemake_run) == {"backbone", "evaluate", "few_shot", "base_to_new",
+                                                           "transfer", "report", "embed", "cluster", "tasks",
+                                                           "prototypes", "meta", "tpt", "tpt_report"}
+    assert "Nothing to be done" in run(["snakemake", "-n", "--cores", "2", "--nocolor"], snakemake_run)
 
 
 def test_dvc_builds_the_same_table(dvc_run, snakemake_run):
@@ -205,14 +193,18 @@ def test_dvc_second_run_does_nothing(dvc_run):
 
 
 def test_dvc_backbone_param_reruns_only_its_dependants(dvc_run):
-    bump_coop_lr(dvc_run / "params.yaml")
+    params = dvc_run / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    bump_coop_lr(raw)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
     out = run(["dvc", "repro"], dvc_run)
     ran = re.findall(r"Running stage '([^']+)'", out)
     assert {s.split("@")[0] for s in ran} == {"few-shot", "base-to-new", "transfer", "report", "tpt-tuned",
                                                "tpt-report"}, out
     assert all("-coop-" in s or s.endswith("-coop") or s in ("report", "tpt-report") or s.startswith("tpt-tuned@")
                for s in ran), ran
-    bump_tiny_steps(dvc_run / "params.yaml")
+    bump_tiny_steps(raw)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
     out = run(["dvc", "repro"], dvc_run)
     ran = {s.split("@")[0] for s in re.findall(r"Running stage '([^']+)'", out)}
     assert ran == {"backbone", "evaluate", "few-shot", "base-to-new", "transfer", "report", "embed", "cluster",

@@ -2,7 +2,8 @@
 
 tests/slurm/cluster.py starts munged, slurmctld and slurmd (root; Debian's slurm-wlm and munge) with
 two fake GPUs, so the GPU rules schedule. Every job must go through sbatch (a SLURM job id and a per-job
-log each, all COMPLETED), and the tables must equal those of a local run of the same DAG. Skipped where
+log each, all COMPLETED), and every job's output must equal the same job's output in the session's local
+run of the tiny DAG (conftest.tiny_snakemake_run, whose grid holds these jobs and more). Skipped where
 no cluster can be started (not root, slurm-wlm missing, or a real cluster's config in /etc/slurm),
 unless GRAM_REQUIRE_SLURM=1 (CI sets it after `python tests/slurm/cluster.py install`): then it fails.
 """
@@ -34,8 +35,6 @@ GRID = {"methods": ["zeroshot"], "tuned": ["coop"], "meta": ["coop"], "gram": [{
         "transfer": {"dataset": "subgroup16", "shots": 2},
         "tpt": {"datasets": ["subgroup16"], "words": ["tpt"], "tuned": [], "gram": []}}
 JOBS = 19
-TABLES = ["zero_shot.csv", "protocols.json", "few_shot.csv", "base_to_new.csv", "cross_dataset.csv",
-          "domain_generalisation.csv", "clustering.md", "meta_training.md"]  # runs.csv: it has wall times
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 
 
@@ -83,10 +82,20 @@ def slurm_run(slurm_cluster, tmp_path_factory) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory) -> Path:
-    cwd = copy_project(tmp_path_factory.mktemp("local"), "tiny", GRID)
-    run(["snakemake", "--cores", "2", "--nocolor"], cwd)
-    return cwd
+def local_run(tiny_snakemake_run) -> Path:
+    """The session's local Snakemake run of the tiny DAG (conftest.TINY_GRID, a superset of GRID's jobs)."""
+    return tiny_snakemake_run
+
+
+def comparable(obj):
+    """A job's JSON record without wall times, floats rounded to 5 decimals (BLAS summation order may
+    differ between two processes in the last bits)."""
+    if isinstance(obj, dict):
+        return {k: comparable(v) for k, v in obj.items()
+                if not (k.endswith("_s") or "time" in k or "seconds" in k)}
+    if isinstance(obj, list):
+        return [comparable(v) for v in obj]
+    return round(obj, 5) if isinstance(obj, float) else obj
 
 
 def test_every_job_went_through_sbatch(slurm_run):
@@ -117,15 +126,35 @@ def test_gpu_rules_asked_for_a_gpu(slurm_run):
         assert ("gpu=1" in resources.group(1)) == (rule in gpu_rules), (rule, resources.group(1))
 
 
-def test_slurm_tables_equal_the_local_run(slurm_run, local_run):
+def test_slurm_jobs_equal_the_local_run(slurm_run, local_run):
+    """Every job's output of the SLURM run equals the same job's output in the local run."""
+    import json
+
+    import torch
+
+    from gram.tensorio import load_tensors
+
     cwd, _ = slurm_run
-    for f in TABLES:
-        assert (cwd / "results/tiny" / f).read_text() == (local_run / "results/tiny" / f).read_text(), f
-
-    def test_time(p: Path) -> str:  # without the wall-time column
-        return re.sub(r"\| [0-9.]+ \|\n", "|\n", (p / "results/tiny/test_time.md").read_text())
-
-    assert test_time(cwd) == test_time(local_run)
+    compared = set()
+    for top in ("results/tiny/eval", "results/tiny/runs", "results/tiny/tpt", "data/tiny/embed", "data/tiny/chc",
+                "data/tiny/tasks", "data/tiny/prototypes", "models/tiny/prompts", "models/tiny/meta"):
+        files = sorted(f for f in (cwd / top).rglob("*") if f.is_file())
+        assert files, top
+        for f in files:
+            rel = f.relative_to(cwd)
+            other = local_run / rel
+            assert other.is_file(), f"{rel}: written by the SLURM run, not by the local run"
+            if f.suffix == ".json":
+                assert comparable(json.loads(f.read_text())) == comparable(json.loads(other.read_text())), rel
+            elif f.suffix == ".safetensors" and top.startswith("models/"):  # tuned tensors: to float32 rounding
+                (a, ma), (b, mb) = load_tensors(f), load_tensors(other)
+                assert ma == mb and a.keys() == b.keys(), rel
+                for k in a:
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+            elif f.suffix != ".png":  # embeddings, hierarchy, tasks, prototypes: byte for byte
+                assert f.read_bytes() == other.read_bytes(), rel
+            compared.add(top.split("/")[-1])
+    assert len(compared) == 9
     assert "Nothing to be done" in run(["snakemake", "-n", "--cores", "1", "--nocolor"], cwd)
 
 

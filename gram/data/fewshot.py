@@ -286,11 +286,10 @@ PROCESS_MIN_IMAGES = 256  # fewer images than this are decoded in the calling pr
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (a SLURM job's allocation, not the node's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    """CPUs this job may use (its `threads` under Snakemake, a SLURM allocation; gram.io.job_threads)."""
+    from gram.io import job_threads
+
+    return job_threads()
 
 
 def _decode_one(path: Path, key: str, source: str, size: int) -> np.ndarray:
