@@ -18,9 +18,11 @@ does not import torch); those edges are added from the table, and the rule is th
 `gram.__main__` imports `gram.cli`, and nothing imports `gram.__main__`.
 
 The last part checks that each rule's `sources(...)` (workflow/rules/*.smk) and each DVC stage's
-`deps:` (dvc.yaml) list exactly the package files its stage imports, so that a change to one of them
-reruns the stage. gram/config.py is left out of those lists on purpose: a stage reruns when its own
-params section changes (`params:`), not when any other section's dataclass does.
+`deps:` (dvc.yaml) list the package files its stage imports (the closure of its module over the graph
+above), so that a change to one of them reruns the stage, and nothing it does not import. Left out on
+purpose, as gram/cli.py is: gram/config.py (a stage reruns when its own params section changes, through
+`params:`, not when any section's dataclass does), gram/stage.py (the command-line flags and logging
+every stage shares) and gram/__init__.py (the version string).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import yaml
 from conftest import ROOT
 
 PACKAGE = ROOT / "gram"
-# Imported by every stage (their CLI set-up) and left out of the rerun lists on purpose, see above.
+# Imported by every stage and left out of the rerun lists on purpose, see above.
 NOT_A_SOURCE = {"gram", "gram.config", "gram.stage"}
 
 

@@ -384,7 +384,7 @@ def decode(listing: Listing, size: int, indices=None, workers: int | None = None
     Args:
         listing: what to decode.
         size: output side; shortest side resized to it (bicubic, antialiased), then centre-cropped,
-            i.e. `gram.backbone.preprocess` without normalisation.
+            i.e. `gram.images.preprocess` without normalisation.
         indices: items of the listing to decode (default: all).
         workers: decoding processes (default: the usable CPUs, at most 16).
         domain: the `Split.domain` to record.

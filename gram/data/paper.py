@@ -14,7 +14,7 @@
      pattern, folder or URL; or the opt-in img2dataset output) to a manifest
      `shards/<domain>.json` that every later stage reads (`gram.data.shards.corpus_shards`);
   4. writes `download.json` (counts, fetch records, corpus size).
-Later stages decode images from the listings (`gram.data.split_images`), so the data root must be
+Later stages decode images from the listings (`gram.data.datasets.split_images`), so the data root must be
 readable where they run. A shift's labels are mapped into its dataset's label space through
 `Listing.imagenet_index`; a shift holding a subset of the classes records it (`class_subsets`).
 """
