@@ -48,7 +48,7 @@ def median_time(fn, device, warmup: int, repeats: int) -> float:
 
 
 def image_cases(bb, args) -> list[dict]:
-    from gram.backbone import normalize_pixels
+    from gram.images import normalize_pixels
 
     out = []
     images = random_images(args.images, args.seed)[:, 16:240, 16:240]  # 224 x 224: no resize, as decoded
@@ -77,9 +77,10 @@ def text_case(bb, words, args) -> dict:
 
 
 def tune_cases(bb, words, args) -> list[dict]:
-    from gram.backbone import preprocess
     from gram.config import MethodParams
-    from gram.tune import make_learner, tune
+    from gram.images import preprocess
+    from gram.prompts import make_learner
+    from gram.tune import tune
 
     out = []
     images = random_images(args.tune_batch, args.seed + 1)[:, 16:240, 16:240]

@@ -207,7 +207,8 @@ def build_backbone(device: torch.device, dtype: torch.dtype, seed: int, n_words:
     from transformers import CLIPConfig, CLIPModel
     from transformers.utils import logging as hf_logging
 
-    from gram.backbone import SPECIALS, Backbone, ImageSpec, train_tokenizer
+    from gram.backbone import SPECIALS, Backbone, train_tokenizer
+    from gram.images import ImageSpec
 
     hf_logging.set_verbosity_error()
     rng = random.Random(seed)

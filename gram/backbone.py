@@ -18,6 +18,7 @@ config), which every later stage loads through `load()`: one code path for both 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -33,7 +34,10 @@ from tqdm import tqdm
 
 from gram.config import AugmentParams, BackboneParams, CaptionParams, PretrainParams, to_dict
 from gram.data.names import words
-from gram.io import atomic_dir, config_digest, write_json
+from gram.data.shards import iter_samples, load_images, shard_paths
+from gram.images import ImageSpec, image_spec, normalize_pixels, preprocess
+from gram.io import atomic_dir, config_digest, file_sha256, write_json
+from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.backbone")
 
@@ -53,57 +57,24 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def backbone_fingerprint(model_dir: str | Path) -> str:
+    """SHA-256 over a saved backbone's config and weight files (what its embeddings depend on)."""
+    h = hashlib.sha256()
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no config or weights to fingerprint (is it a backbone directory?)")
+    for p in files:
+        h.update(p.name.encode())
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The inference dtype; half precision only on an accelerator (fp32 on the CPU)."""
     if device.type == "cpu":
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-@dataclass
-class ImageSpec:
-    """CLIP image preprocessing: shortest side to `size`, centre crop `crop`, normalise."""
-
-    size: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resample: str = "bicubic"
-
-
-def image_spec(model_dir: str | Path) -> ImageSpec:
-    """Read the preprocessing of a saved model (`preprocessor_config.json`)."""
-    path = Path(model_dir) / "preprocessor_config.json"
-    cfg = json.loads(path.read_text())
-    size = cfg.get("size", 224)
-    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
-    crop = cfg.get("crop_size", size)
-    crop = crop.get("height") if isinstance(crop, dict) else crop
-    resample = {2: "bilinear", 3: "bicubic"}.get(cfg.get("resample", 3), "bicubic")
-    return ImageSpec(int(size), int(crop), tuple(cfg["image_mean"]), tuple(cfg["image_std"]), resample)
-
-
-def preprocess(images: np.ndarray | torch.Tensor, spec: ImageSpec, normalize: bool = True) -> torch.Tensor:
-    """uint8 images [N, H, W, 3] -> float pixel values [N, 3, crop, crop] as CLIP expects."""
-    x = torch.as_tensor(images)
-    x = x.permute(0, 3, 1, 2).float() / 255.0  # [N, H, W, 3] -> [N, 3, H, W]
-    h, w = x.shape[-2:]
-    # the long side is truncated, as CLIP's torchvision Resize and transformers' image processor do
-    # (rounding it instead shifts the centre crop by a pixel on some aspect ratios)
-    long = int(spec.size * max(h, w) / min(h, w))
-    size = (spec.size, long) if h <= w else (long, spec.size)
-    if (h, w) != size:
-        x = F.interpolate(x, size=size, mode=spec.resample, antialias=True, align_corners=False).clamp_(0, 1)
-    h, w = x.shape[-2:]
-    top, left = (h - spec.crop) // 2, (w - spec.crop) // 2
-    x = x[..., top:top + spec.crop, left:left + spec.crop]
-    return normalize_pixels(x, spec) if normalize else x
-
-
-def normalize_pixels(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 @dataclass
@@ -362,8 +333,6 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
     """
     from transformers import CLIPModel
 
-    from gram.data.shards import load_images
-
     torch.manual_seed(p.seed)
     rng = random.Random(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
@@ -445,8 +414,6 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
 # ------------------------------------------------------------------------------------------------
 def corpus_texts(shard_dirs: list[Path]) -> list[str]:
     """Every word source of the captions (labels, tags, group names), for the vocabulary."""
-    from gram.data.shards import iter_samples, shard_paths
-
     texts = ["an emoji of a", "emoji from"]
     # every vendor holds the same emojis, so the first one has all the words
     for s in iter_samples(shard_paths(shard_dirs[0])):
@@ -488,8 +455,6 @@ def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path |
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("backbone", __doc__)
     p.add_argument("--data", default=None, help="data directory of the profile (for source: pretrain)")
     p.add_argument("--out", required=True, help="backbone directory to write, e.g. models/emoji/backbone")

@@ -2,21 +2,23 @@
 
 Every stage takes `--params params.yaml --profile P`, explicit input/output paths and `--log`.
 Snakemake rules and DVC stages run exactly these commands (see `dvc.yaml`, `workflow/rules/`).
+The stages are imported by name when run, so that `gram --help` does not import torch; they share
+their flags through `gram.stage`, never through this module (the CLI is the top layer).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import logging
 import sys
 import time
 
 from gram import config as C
-from gram.io import job_threads, setup_logging
+from gram.io import job_threads
 
 # stage name -> module whose `main(argv)` runs it (or "module:function"); a literal table, no registry
 STAGES = {
-    "download": ("gram.data", "fetch the data of a profile: corpus shards and classification datasets"),
+    "download": ("gram.data.download", "fetch the data of a profile: corpus shards and classification datasets"),
     "backbone": ("gram.backbone", "load a CLIP (hub id or directory) or pretrain a small one"),
     "embed": ("gram.embed", "embed the meta-training corpus with the frozen backbone (per shard, resumable)"),
     "cluster": ("gram.cluster", "Cross-Modal Hierarchical Clustering of the corpus, complexity, quality"),
@@ -33,22 +35,6 @@ STAGES = {
     "fetch-data": ("gram.data.fetch", "download one paper-profile dataset into CoOp's layout (checksummed)"),
     "img2dataset": ("gram.data.img2dataset", "build the corpus shards from a caption/URL table (opt-in, resumable)"),
 }
-
-
-def stage_parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"gram {stage}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
-    p.add_argument("--profile", default=None, choices=C.PROFILES,
-                   help="profile section to use (default: the file's `profile:` key)")
-    p.add_argument("--log", default=None, help="also append the log to this file")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
-
-
-def stage_setup(args: argparse.Namespace) -> tuple[C.Params, C.ProfileParams]:
-    setup_logging(args.log, args.verbose)
-    return C.load(args.params, args.profile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +63,5 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"gram {argv[0]}: error: {msg}", file=sys.stderr)
         return 1
-    import logging
     logging.getLogger("gram").info("%s finished in %.1f s", argv[0], time.time() - t0)
     return 0

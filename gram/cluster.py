@@ -57,6 +57,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gram.backbone import resolve_device
+from gram.data.shards import iter_samples, shard_paths
+from gram.embed import load_embeddings
+from gram.io import atomic_dir, write_json, write_text
+from gram.stage import stage_parser, stage_setup
+from gram.tensorio import load_tensors, save_tensors
+
 log = logging.getLogger("gram.cluster")
 
 MODES = ("cross-modal", "image", "text")
@@ -553,8 +560,6 @@ def load_corpus(embed_dir: str | Path, domains: Sequence[str]) -> tuple[list[str
     """(ids, image [N, E], text [N, E]) of the embedded corpus, domains in the given order.
 
     Pair ids are `<domain>/<sample key>`, unique across domains."""
-    from gram.embed import load_embeddings
-
     ids, imgs, txts = [], [], []
     for d in domains:
         keys, img, txt = load_embeddings(Path(embed_dir) / d)
@@ -570,8 +575,6 @@ def read_truth(data_dir: str | Path, ids: Sequence[str], names: Sequence[str]) -
     """Ground-truth labellings of the pairs `ids` from the `json` of their shard samples.
 
     Raises ValueError naming the shard and key when a sample lacks one of `names`."""
-    from gram.data.shards import iter_samples, shard_paths
-
     wanted = {}
     for i, pid in enumerate(ids):
         wanted.setdefault(pid.split("/", 1)[0], {})[pid.split("/", 1)[1]] = i
@@ -660,9 +663,6 @@ def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path
     the quality of the main mode and of its ablations into `out`."""
     import csv
     import time
-    from gram.backbone import resolve_device
-    from gram.io import atomic_dir, write_json, write_text
-    from gram.tensorio import save_tensors
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -729,8 +729,6 @@ def run(cfg, domains: Sequence[str], data_dir: str | Path, embed_dir: str | Path
 
 def load_chc(chc_dir: str | Path) -> tuple[Hierarchy, list[str], dict[str, torch.Tensor], dict]:
     """(hierarchy, pair ids, all tensors, metadata) of a cluster stage output directory."""
-    from gram.tensorio import load_tensors
-
     chc_dir = Path(chc_dir)
     tensors, meta = load_tensors(chc_dir / HIERARCHY)
     h = Hierarchy.from_dict(tensors)
@@ -741,8 +739,6 @@ def load_chc(chc_dir: str | Path) -> tuple[Hierarchy, list[str], dict[str, torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("cluster", __doc__)
     p.add_argument("--data", required=True, help="data directory of the profile (shards: ground truth)")
     p.add_argument("--embed", required=True, help="embeddings of the embed stage, e.g. data/emoji/embed")

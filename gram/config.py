@@ -9,7 +9,14 @@
     tiny:  {...}
 
 Each stage receives only its own section (e.g. `BackboneParams`). Unknown keys, wrong types and
-out-of-range values raise `ConfigError` naming the file and the dotted key. The JSON schema that
+out-of-range values raise `ConfigError` naming the file and the dotted key.
+
+Each section checks itself when it is constructed (`Section.__post_init__`): the type of every field,
+its bounds and allowed values, and the constraints between its own fields (`check`), so that a section
+built in code (`dataclasses.replace(cfg, lr=-1)`) is refused like one read from a file. Such an error
+names the field relative to the section; the loader (`from_dict`, `load`) re-raises it with the file
+and the full dotted key. Checks that span sections (a grid entry naming a method, evaluate.datasets
+naming data.datasets) need the whole file and stay in the loader. The JSON schema that
 Snakemake validates against (`workflow/schemas/params.schema.yaml`) is generated from these
 dataclasses by `gram schema`, and a test checks that the committed file has not drifted.
 """
@@ -17,11 +24,12 @@ dataclasses by `gram schema`, and a test checks that the committed file has not 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 import yaml
 
@@ -29,7 +37,17 @@ PROFILES = ("emoji", "demo", "paper", "tiny", "paper_smoke")
 
 
 class ConfigError(ValueError):
-    """A parameter file is invalid; the message names the file and the key."""
+    """A parameter is invalid. From the loader, the message names the file and the dotted key. From a
+    section's own check, `key` is the field relative to the section ("" for the section as a whole) and
+    `detail` what is wrong with it, so that the loader can re-raise it with the file and the full key."""
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key, self.detail = key, detail
+
+
+def _field_error(key: str, detail: str) -> ConfigError:
+    return ConfigError(f"`{key}` {detail}", key=key, detail=detail)
 
 
 def _f(default: Any = dataclasses.MISSING, *, help: str, min: float | None = None,
@@ -41,11 +59,100 @@ def _f(default: Any = dataclasses.MISSING, *, help: str, min: float | None = Non
     return field(default=default, metadata=meta)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class Section:
+    """Base of every params section: construction validates the fields, then `check()`."""
+
+    def __post_init__(self) -> None:
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            try:
+                typed = _validate(value, hints[f.name], f.name, f.metadata)
+            except ConfigError as e:  # name the section too: built in code, there is no file to name
+                raise ConfigError(f"{type(self).__name__}: {e}", key=e.key, detail=e.detail) from None
+            if typed is not value:  # an int given for a float field, a list rebuilt item by item
+                object.__setattr__(self, f.name, typed)
+        self.check()
+
+    def check(self) -> None:
+        """Constraints between this section's own fields (none unless a section overrides it)."""
+
+    def invalid(self, detail: str) -> ConfigError:
+        """An error about the section as a whole (the loader names it by its dotted key)."""
+        return ConfigError(f"{type(self).__name__}: {detail}", key="", detail=detail)
+
+
+def _validate(value: Any, tp: Any, key: str, meta: Mapping) -> Any:
+    """Check `value` against the annotation `tp` and the bounds in `meta`; returns the typed value
+    (float for an int given to a float field). Nested sections must be built already (they checked
+    themselves)."""
+    origin = typing.get_origin(tp)
+
+    def bad() -> ConfigError:  # built only when raised: the repr of a large mapping is not free
+        return _field_error(key, f"must be {_type_name(tp)}, got {value!r}")
+
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        for a in args:
+            try:
+                return _validate(value, a, key, meta)
+            except ConfigError:
+                if len(args) == 1:
+                    raise
+        raise bad()
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad()
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad()
+        (item,) = typing.get_args(tp)
+        return [_validate(v, item, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        _, item = typing.get_args(tp)
+        return {k: _validate(v, item, f"{key}.{k}", {}) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            raise bad()
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        value = value if type(value) is float else float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise _field_error(key, f"= {value!r} is below its minimum {lo}")
+    if hi is not None and value > hi:
+        raise _field_error(key, f"= {value!r} is above its maximum {hi}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class NpmParams:
+class NpmParams(Section):
     command: list[str] = _f(factory=lambda: ["npm", "pack"],
                             help="argv prefix that fetches one package as NAME-VERSION.tgz into the cwd")
     labels: str = _f("emojibase-data@17.0.0", help="npm package with Unicode/CLDR labels (en/data.json)")
@@ -54,29 +161,33 @@ class NpmParams:
 
 
 @dataclass(frozen=True)
-class VendorParams:
+class VendorParams(Section):
     pretrain: list[str] = _f(factory=list, help="vendors whose image-text pairs pretrain the backbone")
     meta: list[str] = _f(factory=list, help="vendors whose image-text pairs are the meta-training corpus")
     heldout: list[str] = _f(factory=list, help="vendors kept out of all training, for evaluation only")
 
 
 @dataclass(frozen=True)
-class SubsetParams:
+class SubsetParams(Section):
     groups: Optional[list[str]] = _f(None, help="keep only these Unicode groups (null: all)")
     max_per_subgroup: Optional[int] = _f(None, help="keep at most this many emojis per subgroup (null: all)", min=1)
     min_per_subgroup: int = _f(1, help="drop subgroups with fewer emojis than this", min=1)
 
 
 @dataclass(frozen=True)
-class SplitParams:
+class SplitParams(Section):
     train: float = _f(0.5, help="fraction of each class's emojis in the train split", min=0.0, max=1.0)
     val: float = _f(0.1, help="fraction in the val split; the rest is test", min=0.0, max=1.0)
     base_fraction: float = _f(0.5, help="fraction of classes that are 'base' in base-to-new", min=0.0, max=1.0)
     seed: int = _f(0, help="seed of the split and of the base/new class draw", min=0)
 
+    def check(self) -> None:
+        if self.train + self.val >= 1.0:
+            raise self.invalid(f"train + val = {self.train + self.val} leaves no test split")
+
 
 @dataclass(frozen=True)
-class DatasetParams:
+class DatasetParams(Section):
     level: Literal["subgroup", "group"] = _f("subgroup", help="emoji: Unicode level that defines the classes")
     min_per_class: int = _f(1, help="emoji: drop classes with fewer emojis than this", min=1)
     shifts: list[str] = _f(factory=list, help="paper: test sets of the same classes scored as further domains "
@@ -85,7 +196,7 @@ class DatasetParams:
 
 
 @dataclass(frozen=True)
-class Img2DatasetParams:
+class Img2DatasetParams(Section):
     enabled: bool = _f(False, help="opt in: build the corpus shards with img2dataset from `url_list` "
                                    "(otherwise data.paper.corpus names existing shards)")
     url_list: str = _f("", help="the caption/URL table, e.g. CC3M's Train_GCC-training.tsv")
@@ -101,7 +212,7 @@ class Img2DatasetParams:
 
 
 @dataclass(frozen=True)
-class PaperDataParams:
+class PaperDataParams(Section):
     root: str = _f("data/paper/fewshot", help="folder of the classification datasets in CoOp's DATASETS.md "
                                              "layout (CoOp's $DATA)")
     fetch: bool = _f(True, help="fetch a missing dataset from its official source when it has one (checksum "
@@ -113,7 +224,7 @@ class PaperDataParams:
 
 
 @dataclass(frozen=True)
-class DataParams:
+class DataParams(Section):
     source: Literal["npm", "paper"] = _f("npm", help="npm: emoji world; paper: external shards and datasets")
     npm: NpmParams = _f(factory=NpmParams, help="where the emoji artwork and labels come from")
     vendors: VendorParams = _f(factory=VendorParams, help="roles of the vendors (domains)")
@@ -129,15 +240,19 @@ class DataParams:
 # backbone
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class TowerParams:
+class TowerParams(Section):
     width: int = _f(256, help="hidden size", min=8)
     layers: int = _f(4, help="transformer layers", min=1)
     heads: int = _f(4, help="attention heads (must divide width)", min=1)
     mlp: int = _f(1024, help="MLP hidden size", min=8)
 
+    def check(self) -> None:
+        if self.width % self.heads:
+            raise self.invalid(f"width {self.width} is not divisible by heads {self.heads}")
+
 
 @dataclass(frozen=True)
-class AugmentParams:
+class AugmentParams(Section):
     scale: list[float] = _f(factory=lambda: [0.85, 1.1], help="random zoom range")
     rotate: float = _f(0.15, help="max rotation in radians", min=0.0, max=3.1416)
     shift: float = _f(0.1, help="max shift as a fraction of the image side", min=0.0, max=0.5)
@@ -146,9 +261,13 @@ class AugmentParams:
                                      "of the same emoji (weight ~ U(0, 1)): new styles between domains",
                            min=0.0, max=1.0)
 
+    def check(self) -> None:
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise self.invalid(f"scale must be [low, high] with 0 < low <= high, got {self.scale}")
+
 
 @dataclass(frozen=True)
-class CaptionParams:
+class CaptionParams(Section):
     tags: int = _f(2, help="at most this many random tags in a caption", min=0)
     hierarchy_p: float = _f(0.6, help="probability of appending the subgroup/group phrase", min=0.0, max=1.0)
     class_p: float = _f(0.0, help="probability that a caption names only the subgroup (and group)",
@@ -156,7 +275,7 @@ class CaptionParams:
 
 
 @dataclass(frozen=True)
-class PretrainParams:
+class PretrainParams(Section):
     image_size: int = _f(32, help="input resolution of the vision tower", min=8)
     patch: int = _f(8, help="patch size (must divide image_size)", min=1)
     vision: TowerParams = _f(factory=lambda: TowerParams(256, 6, 4, 1024), help="vision tower")
@@ -176,21 +295,29 @@ class PretrainParams:
     checkpoint_every: int = _f(100, help="save a resumable checkpoint every N steps (0: never)", min=0)
     seed: int = _f(0, help="seed of initialisation, sampling and augmentation", min=0)
 
+    def check(self) -> None:
+        if self.image_size % self.patch:
+            raise self.invalid(f"image_size {self.image_size} is not divisible by patch {self.patch}")
+
 
 @dataclass(frozen=True)
-class BackboneParams:
+class BackboneParams(Section):
     source: Literal["pretrain", "hub"] = _f("pretrain", help="pretrain a small CLIP here, or load `model`")
     model: Optional[str] = _f(None, help="hub id or local directory (source: hub)")
     device: str = _f("auto", help="auto, cpu, cuda or cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", help="inference dtype on the device")
     pretrain: PretrainParams = _f(factory=PretrainParams, help="small-CLIP pretraining (source: pretrain)")
 
+    def check(self) -> None:
+        if self.source == "hub" and not self.model:
+            raise self.invalid("source: hub needs `model` (a hub id or a local directory)")
+
 
 # --------------------------------------------------------------------------------------------
 # evaluate
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(Section):
     datasets: list[str] = _f(factory=list, help="classification datasets to evaluate (keys of data.datasets)")
     domains: list[str] = _f(factory=list, help="domains (vendors) to evaluate on (empty: every domain of each dataset)")
     split: Literal["train", "val", "test"] = _f("test", help="split that is scored")
@@ -203,7 +330,7 @@ class EvaluateParams:
 # prompt methods and evaluation protocols
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MethodParams:
+class MethodParams(Section):
     kind: Literal["coop", "vpt", "joint", "linear-probe"] = _f(
         "coop", help="coop: text context; vpt: visual tokens; joint: both; linear-probe: logistic regression "
                      "on image features")
@@ -223,9 +350,20 @@ class MethodParams:
     meta_regulator: bool = _f(False, help="GRAM: replace every gradient by the meta-learned ψ_φ(g; h) before "
                                           "the optimiser step (h: mean frozen image feature of the batch)")
 
+    def check(self) -> None:
+        if self.kind == "vpt" and self.n_tokens < 1:
+            raise self.invalid("vpt needs n_tokens >= 1")
+        if self.meta_init or self.meta_regulator:
+            if self.kind == "linear-probe":
+                raise self.invalid("meta_init/meta_regulator apply to prompt methods (coop, vpt, joint), not "
+                                   "linear-probe")
+            if self.class_specific and self.meta_init:
+                raise self.invalid("meta_init starts from one shared context; it cannot initialise a class-specific "
+                                   "one")
+
 
 @dataclass(frozen=True)
-class ProtocolParams:
+class ProtocolParams(Section):
     domain: Optional[str] = _f(None, help="domain (emoji: vendor) in which few-shot and base-to-new tune and "
                                           "test; the source of domain generalisation")
     split: Literal["val", "test"] = _f("test", help="split that every protocol scores")
@@ -240,7 +378,7 @@ class ProtocolParams:
 # meta-training data structure: embed, cluster (CHC), tasks, prototypes
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class EmbedParams:
+class EmbedParams(Section):
     batch_size: int = _f(256, help="images (and captions) per forward pass; device and dtype are backbone's",
                          min=1)
     workers: int = _f(0, help="threads that decode images; the encoder's device resizes them (0: one per CPU core)",
@@ -252,7 +390,7 @@ class EmbedParams:
 
 
 @dataclass(frozen=True)
-class ComplexityParams:
+class ComplexityParams(Section):
     spread: float = _f(0.5, help="weight of the members' mean cosine distance to their centroid", min=0.0)
     disagreement: float = _f(0.25, help="weight of 1 - corr(image distances, text distances) of members",
                              min=0.0)
@@ -261,7 +399,7 @@ class ComplexityParams:
 
 
 @dataclass(frozen=True)
-class ClusterParams:
+class ClusterParams(Section):
     mode: Literal["cross-modal", "image", "text"] = _f(
         "cross-modal", help="features clustered: fused image+text (CHC), or one modality (ablation)")
     weights: list[float] = _f(factory=lambda: [1.0, 1.0], help="[image, text] weights of the fused feature")
@@ -283,9 +421,20 @@ class ClusterParams:
     complexity: ComplexityParams = _f(factory=ComplexityParams, help="structure complexity of a cluster")
     batch_size: int = _f(16384, help="rows per k-means assignment block", min=1)
 
+    def check(self) -> None:
+        if len(self.weights) != 2 or min(self.weights) < 0 or sum(self.weights) <= 0:
+            raise self.invalid(f"weights must be [image, text], non-negative, not both 0; got {self.weights}")
+        sizes = self.levels
+        if any(not 1 <= s < self.fine_k for s in sizes) or any(a <= b for a, b in zip(sizes, sizes[1:])):
+            raise self.invalid(f"levels {sizes} must decrease strictly and lie in [1, fine_k={self.fine_k})")
+        if 0 < self.seed_sample < self.fine_k:
+            raise self.invalid(f"seed_sample {self.seed_sample} must be 0 or at least fine_k = {self.fine_k}")
+        if self.mode in self.ablations:
+            raise self.invalid(f"ablations {self.ablations} repeat the main mode {self.mode!r}")
+
 
 @dataclass(frozen=True)
-class TaskParams:
+class TaskParams(Section):
     level: int = _f(1, help="hierarchy level whose clusters are the domains of a task (0: finest)", min=0)
     n_tasks: int = _f(1000, help="meta-tasks written", min=1)
     support: list[int] = _f(factory=lambda: [8, 16], help="[min, max] pairs of a support set; a cluster's "
@@ -300,9 +449,15 @@ class TaskParams:
         factory=list, help="extra task files with the same sizes and seed: same-cluster (support and query "
                            "from one cluster, the ablation of the cross-cluster split)")
 
+    def check(self) -> None:
+        for key in ("support", "query"):
+            lo_hi = getattr(self, key)
+            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise self.invalid(f"{key} must be [min, max] with 1 <= min <= max; got {lo_hi}")
+
 
 @dataclass(frozen=True)
-class PrototypeParams:
+class PrototypeParams(Section):
     max_per_cluster: int = _f(4, help="sub-cluster prototypes of the most complex cluster of a level; the "
                                       "least complex gets 1", min=1)
     iters: int = _f(20, help="k-means iterations inside a cluster for its sub-prototypes", min=1)
@@ -310,7 +465,7 @@ class PrototypeParams:
 
 
 @dataclass(frozen=True)
-class RegulatorParams:
+class RegulatorParams(Section):
     form: Literal["mix", "gate"] = _f("mix", help="mix: SUPMER-style low-rank map mixed with g by a gate; gate: "
                                                   "an elementwise sigmoid gate on g (gram/regulator.py)")
     rank: int = _f(16, help="mix: bottleneck width of the direction map", min=1)
@@ -321,18 +476,26 @@ class RegulatorParams:
     gate_context: bool = _f(False, help="gate: the gate also reads the context h (a linear map of h, zero at the "
                                         "start, added to its hidden layer)")
 
+    def check(self) -> None:
+        if self.gate_context and self.form != "gate":
+            raise self.invalid("gate_context applies to form: gate (the mix gate reads h through `context`)")
+
 
 @dataclass(frozen=True)
-class StructureParams:
+class StructureParams(Section):
     levels: list[int] = _f(factory=lambda: [0, 1], help="hierarchy levels whose prototypes the relation uses "
                                                         "(0 = finest)")
     tau: float = _f(0.05, help="softmax temperature of the relation w = softmax(cos(f, P) / tau)", min=1.0e-6)
     modality: Literal["image", "text", "fused"] = _f("image", help="which prototypes (the test side has images)")
     sub: bool = _f(False, help="relate to the complexity-informed sub-prototypes instead of one per cluster")
 
+    def check(self) -> None:
+        if not self.levels or min(self.levels) < 0:
+            raise self.invalid(f"levels must be a non-empty list of levels >= 0; got {self.levels}")
+
 
 @dataclass(frozen=True)
-class MetaParams:
+class MetaParams(Section):
     prompt: MethodParams = _f(factory=MethodParams, help="the prompt whose θ is meta-learned (kind, init, n_ctx, "
                                                           "n_tokens, deep, coupled are read)")
     regulator: RegulatorParams = _f(factory=RegulatorParams, help="the gradient regulating function ψ_φ")
@@ -359,9 +522,22 @@ class MetaParams:
     checkpoint_every: int = _f(100, help="write a resumable checkpoint every N outer steps (0: never)", min=0)
     seed: int = _f(0, help="seed of the random prompt init and the task order", min=0)
 
+    def check(self) -> None:
+        if self.prompt.kind == "linear-probe":
+            raise self.invalid("prompt.kind must be coop, vpt or joint: a linear probe has no prompt to meta-learn")
+        if self.prompt.class_specific:
+            raise self.invalid("prompt.class_specific: captions are the classes of a task, so the context must be "
+                               "shared")
+        if self.reg_lambda > 0 and self.regulator.form != "mix":
+            raise self.invalid(f"reg_lambda > 0 needs regulator.form: mix (it regularises the mix gate), got "
+                               f"{self.regulator.form!r}")
+        if self.context == "structure" and not reads_context(self.regulator):
+            raise self.invalid("context: structure needs a regulator that reads h (form: mix with context: true, or "
+                               "form: gate with gate_context: true)")
+
 
 @dataclass(frozen=True)
-class TptMethodParams:
+class TptMethodParams(Section):
     prompt: MethodParams = _f(factory=MethodParams, help="the text prompt tuned per test image (kind coop, shared "
                                                           "context; init, n_ctx are read)")
     init: Literal["words", "tuned", "meta"] = _f(
@@ -371,9 +547,14 @@ class TptMethodParams:
         "none", help="ψ_φ on the test-time gradient: none; plain (h = mean feature of the kept views); structure "
                      "(h = their relation to the meta-training prototypes)")
 
+    def check(self) -> None:
+        if self.prompt.kind != "coop" or self.prompt.class_specific:
+            raise self.invalid("test-time tuning tunes a shared text context: prompt.kind must be coop, not "
+                               "class-specific")
+
 
 @dataclass(frozen=True)
-class TptParams:
+class TptParams(Section):
     domains: list[str] = _f(factory=list, help="domains whose split is tuned on, image by image, and scored (empty: "
                                                "every domain of the dataset)")
     split: Literal["val", "test"] = _f("test", help="the scored split")
@@ -392,9 +573,15 @@ class TptParams:
     structure: StructureParams = _f(factory=StructureParams, help="prototype relation of the structure regulator")
     methods: dict[str, TptMethodParams] = _f(factory=dict, help="test-time methods by name (grid.tpt runs them)")
 
+    def check(self) -> None:
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise self.invalid(f"crop_scale must be [low, high] with 0 < low <= high <= 1; got {self.crop_scale}")
+        if self.keep * self.views < 1:
+            raise self.invalid(f"keep = {self.keep} of views = {self.views} keeps no view (keep * views must be >= 1)")
+
 
 @dataclass(frozen=True)
-class ProfileParams:
+class ProfileParams(Section):
     data: DataParams = _f(factory=DataParams, help="download stage")
     backbone: BackboneParams = _f(factory=BackboneParams, help="backbone stage")
     evaluate: EvaluateParams = _f(factory=EvaluateParams, help="evaluate stage")
@@ -411,31 +598,31 @@ class ProfileParams:
 
 
 @dataclass(frozen=True)
-class TransferParams:
+class TransferParams(Section):
     dataset: str = _f("subgroup16", help="dataset whose few-shot prompts are scored on other datasets/domains")
     shots: int = _f(16, help="shots of those prompts (one of grid.shots)", min=1)
 
 
 @dataclass(frozen=True)
-class GramEntry:
+class GramEntry(Section):
     method: str = _f("", help="a GRAM method (a key of <profile>.methods with meta_init or meta_regulator)")
     meta: str = _f("", help="the meta-training recipe whose θ and ψ_φ it uses (a key of <profile>.meta)")
 
 
 @dataclass(frozen=True)
-class TptTuned:
+class TptTuned(Section):
     method: str = _f("", help="a test-time method with init: tuned (a key of <profile>.tpt.methods)")
     prompt: str = _f("", help="the tuned method whose few-shot prompt of grid.transfer (same seed) it starts from")
 
 
 @dataclass(frozen=True)
-class TptGram:
+class TptGram(Section):
     method: str = _f("", help="a test-time method with init: meta or a regulator (a key of <profile>.tpt.methods)")
     meta: str = _f("", help="the meta-training recipe whose θ and ψ_φ it uses (a key of <profile>.meta)")
 
 
 @dataclass(frozen=True)
-class TptGrid:
+class TptGrid(Section):
     datasets: list[str] = _f(factory=list, help="datasets tuned on at test time (all their classes)")
     words: list[str] = _f(factory=list, help="test-time methods that start from words, without ψ: one job per "
                                              "(dataset, method, seed)")
@@ -448,7 +635,7 @@ class TptGrid:
 
 
 @dataclass(frozen=True)
-class GridParams:
+class GridParams(Section):
     methods: list[Literal["zeroshot", "zeroshot-ensemble"]] = _f(
         factory=lambda: ["zeroshot", "zeroshot-ensemble"], help="zero-shot methods, one evaluate job each")
     tuned: list[str] = _f(factory=list, help="tuned methods (keys of <profile>.methods): one job per "
@@ -466,7 +653,7 @@ class GridParams:
 
 
 @dataclass(frozen=True)
-class Params:
+class Params(Section):
     profile: Literal["emoji", "demo", "paper", "tiny", "paper_smoke"] = _f("emoji", help="active profile")
     grid: GridParams = _f(factory=GridParams, help="evaluation fan-out shared by all profiles")
     emoji: ProfileParams = _f(factory=ProfileParams, help="laptop-sized emoji world")
@@ -505,192 +692,116 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str, where: str, meta: dict) -> Any:
-    """Check `value` against the annotation `tp`; returns the typed value."""
+def _parse(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Build the sections of a parsed mapping: a mapping where the annotation `tp` is a section becomes
+    that section (`_build`, recursively through lists, mappings and optionals). Everything else is left
+    as it is for the enclosing section to check when it is constructed."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: `{key}` must be {_type_name(tp)}, got {value!r}")
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _convert(value, a, key, where, meta)
-            except ConfigError:
-                if len([x for x in args if x is not type(None)]) == 1:
-                    raise
-        raise bad
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]", where, meta) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        _, item = typing.get_args(tp)
-        return {str(k): _convert(v, item, f"{key}.{k}", where, meta) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return _build(tp, value, key, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-    elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{where}: `{key}` = {value!r} is below its minimum {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{where}: `{key}` = {value!r} is above its maximum {hi}")
+        return _build(tp, value, key, where) if isinstance(value, dict) else value
+    if origin in (Union, types.UnionType):
+        sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        return _build(sections[0], value, key, where) if sections and isinstance(value, dict) else value
+    if origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_parse(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        _, item = typing.get_args(tp)
+        return {str(k): _parse(v, item, f"{key}.{k}", where) for k, v in value.items()}
     return value
 
 
 def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    """Section `cls` from the mapping `raw` found at dotted key `prefix` of file `where`."""
+    hints = _hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         dotted = ", ".join(f"`{prefix + '.' if prefix else ''}{k}`" for k in unknown)
         raise ConfigError(f"{where}: unknown key {dotted} (allowed here: {', '.join(sorted(fields))})")
     kwargs = {}
-    for name, f in fields.items():
-        if name in raw:
-            key = f"{prefix}.{name}" if prefix else name
-            kwargs[name] = _convert(raw[name], hints[name], key, where, dict(f.metadata))
-    obj = cls(**kwargs)
-    _check(obj, prefix, where)
+    for name in (f for f in fields if f in raw):  # in field order: the first bad field is reported
+        kwargs[name] = _parse(raw[name], hints[name], f"{prefix}.{name}" if prefix else name, where)
+    try:
+        obj = cls(**kwargs)
+    except ConfigError as e:
+        if e.key is None:  # already names the file
+            raise
+        if e.key:  # a field: its full dotted key
+            raise ConfigError(f"{where}: `{prefix + '.' if prefix else ''}{e.key}` {e.detail}") from None
+        raise ConfigError(f"{where}: `{prefix}`: {e.detail}") from None
+    if cls is ProfileParams:
+        _check_profile(obj, prefix, where)
+    elif cls is Params:
+        _check_params(obj, where)
     return obj
 
 
-def _check(obj: Any, prefix: str, where: str) -> None:
-    """Constraints that involve several fields."""
+def section_from_dict(cls: type, raw: dict, where: str, prefix: str = "") -> Any:
+    """One section from a mapping (e.g. the config an output file records); errors name `where` and the
+    keys under `prefix`."""
+    return _build(cls, raw, prefix, where)
+
+
+def _check_profile(obj: ProfileParams, prefix: str, where: str) -> None:
+    """The checks of a profile that span its sections (a dataset, vendor or task file named in one section
+    must exist in another)."""
     def err(msg: str) -> ConfigError:
         return ConfigError(f"{where}: `{prefix}`: {msg}")
 
-    if isinstance(obj, SplitParams) and obj.train + obj.val >= 1.0:
-        raise err(f"train + val = {obj.train + obj.val} leaves no test split")
-    if isinstance(obj, TowerParams) and obj.width % obj.heads:
-        raise err(f"width {obj.width} is not divisible by heads {obj.heads}")
-    if isinstance(obj, PretrainParams) and obj.image_size % obj.patch:
-        raise err(f"image_size {obj.image_size} is not divisible by patch {obj.patch}")
-    if isinstance(obj, AugmentParams) and (len(obj.scale) != 2 or not 0 < obj.scale[0] <= obj.scale[1]):
-        raise err(f"scale must be [low, high] with 0 < low <= high, got {obj.scale}")
-    if isinstance(obj, BackboneParams) and obj.source == "hub" and not obj.model:
-        raise err("source: hub needs `model` (a hub id or a local directory)")
-    if isinstance(obj, ProfileParams):
-        unknown = sorted(set(obj.evaluate.datasets) - set(obj.data.datasets))
-        if unknown:
-            raise err(f"evaluate.datasets names {unknown}, which data.datasets does not define")
-        roles = obj.data.vendors
-        known = set(obj.data.npm.images) if obj.data.source == "npm" else None
-        for role in ("pretrain", "meta", "heldout"):
-            for v in getattr(roles, role):
-                if known is not None and v not in known:
-                    raise err(f"data.vendors.{role} names {v!r}, which data.npm.images does not define")
-        if known is not None:
-            extra = sorted(set(obj.evaluate.domains) - known)
+    unknown = sorted(set(obj.evaluate.datasets) - set(obj.data.datasets))
+    if unknown:
+        raise err(f"evaluate.datasets names {unknown}, which data.datasets does not define")
+    roles = obj.data.vendors
+    known = set(obj.data.npm.images) if obj.data.source == "npm" else None
+    for role in ("pretrain", "meta", "heldout"):
+        for v in getattr(roles, role):
+            if known is not None and v not in known:
+                raise err(f"data.vendors.{role} names {v!r}, which data.npm.images does not define")
+    if known is not None:
+        extra = sorted(set(obj.evaluate.domains) - known)
+        if extra:
+            raise err(f"evaluate.domains names {extra}, which data.npm.images does not define")
+        if obj.backbone.source == "pretrain" and not roles.pretrain:
+            raise err("backbone.source: pretrain needs at least one vendor in data.vendors.pretrain")
+        pr = obj.protocols
+        for key, names in (("protocols.domain", [pr.domain] if pr.domain else []),
+                           ("protocols.domain_generalisation", pr.domain_generalisation)):
+            extra = sorted(set(names) - known)
             if extra:
-                raise err(f"evaluate.domains names {extra}, which data.npm.images does not define")
-            if obj.backbone.source == "pretrain" and not roles.pretrain:
-                raise err("backbone.source: pretrain needs at least one vendor in data.vendors.pretrain")
-            pr = obj.protocols
-            for key, names in (("protocols.domain", [pr.domain] if pr.domain else []),
-                               ("protocols.domain_generalisation", pr.domain_generalisation)):
-                extra = sorted(set(names) - known)
-                if extra:
-                    raise err(f"{key} names {extra}, which data.npm.images does not define")
-        unknown = sorted(set(obj.protocols.cross_dataset) - set(obj.data.datasets))
-        if unknown:
-            raise err(f"protocols.cross_dataset names {unknown}, which data.datasets does not define")
-    if isinstance(obj, ClusterParams):
-        if len(obj.weights) != 2 or min(obj.weights) < 0 or sum(obj.weights) <= 0:
-            raise err(f"weights must be [image, text], non-negative, not both 0; got {obj.weights}")
-        sizes = obj.levels
-        if any(not 1 <= s < obj.fine_k for s in sizes) or any(a <= b for a, b in zip(sizes, sizes[1:])):
-            raise err(f"levels {sizes} must decrease strictly and lie in [1, fine_k={obj.fine_k})")
-        if 0 < obj.seed_sample < obj.fine_k:
-            raise err(f"seed_sample {obj.seed_sample} must be 0 or at least fine_k = {obj.fine_k}")
-        if obj.mode in obj.ablations:
-            raise err(f"ablations {obj.ablations} repeat the main mode {obj.mode!r}")
-    if isinstance(obj, TaskParams):
-        for key in ("support", "query"):
-            lo_hi = getattr(obj, key)
-            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
-                raise err(f"{key} must be [min, max] with 1 <= min <= max; got {lo_hi}")
-    if isinstance(obj, ProfileParams) and obj.tasks.level > len(obj.cluster.levels):
+                raise err(f"{key} names {extra}, which data.npm.images does not define")
+    unknown = sorted(set(obj.protocols.cross_dataset) - set(obj.data.datasets))
+    if unknown:
+        raise err(f"protocols.cross_dataset names {unknown}, which data.datasets does not define")
+    if obj.tasks.level > len(obj.cluster.levels):
         raise err(f"tasks.level = {obj.tasks.level} but the hierarchy has levels 0..{len(obj.cluster.levels)} "
                   "(cluster.levels gives the coarser ones)")
-    if isinstance(obj, MethodParams) and obj.kind == "vpt" and obj.n_tokens < 1:
-        raise err("vpt needs n_tokens >= 1")
-    if isinstance(obj, MethodParams) and (obj.meta_init or obj.meta_regulator):
-        if obj.kind == "linear-probe":
-            raise err("meta_init/meta_regulator apply to prompt methods (coop, vpt, joint), not linear-probe")
-        if obj.class_specific and obj.meta_init:
-            raise err("meta_init starts from one shared context; it cannot initialise a class-specific one")
-    if isinstance(obj, MetaParams):
-        if obj.prompt.kind == "linear-probe":
-            raise err("prompt.kind must be coop, vpt or joint: a linear probe has no prompt to meta-learn")
-        if obj.prompt.class_specific:
-            raise err("prompt.class_specific: captions are the classes of a task, so the context must be shared")
-        if obj.reg_lambda > 0 and obj.regulator.form != "mix":
-            raise err(f"reg_lambda > 0 needs regulator.form: mix (it regularises the mix gate), got "
-                      f"{obj.regulator.form!r}")
-    if isinstance(obj, RegulatorParams) and obj.gate_context and obj.form != "gate":
-        raise err("gate_context applies to form: gate (the mix gate reads h through `context`)")
-    if isinstance(obj, StructureParams) and (not obj.levels or min(obj.levels) < 0):
-        raise err(f"levels must be a non-empty list of levels >= 0; got {obj.levels}")
-    if isinstance(obj, MetaParams) and obj.context == "structure" and not reads_context(obj.regulator):
-        raise err("context: structure needs a regulator that reads h (form: mix with context: true, or form: "
-                  "gate with gate_context: true)")
-    if isinstance(obj, TptMethodParams) and (obj.prompt.kind != "coop" or obj.prompt.class_specific):
-        raise err("test-time tuning tunes a shared text context: prompt.kind must be coop, not class-specific")
-    if isinstance(obj, TptParams):
-        if len(obj.crop_scale) != 2 or not 0 < obj.crop_scale[0] <= obj.crop_scale[1] <= 1:
-            raise err(f"crop_scale must be [low, high] with 0 < low <= high <= 1; got {obj.crop_scale}")
-        if obj.keep * obj.views < 1:
-            raise err(f"keep = {obj.keep} of views = {obj.views} keeps no view (keep * views must be >= 1)")
-    if isinstance(obj, ProfileParams):
-        for name, m in obj.meta.items():
-            if m.tasks != "default" and m.tasks not in obj.tasks.variants:
-                raise err(f"meta.{name}.tasks = {m.tasks!r} needs {m.tasks!r} in tasks.variants")
-        n_levels = len(obj.cluster.levels) + 1
-        for key, st in [(f"meta.{n}.structure", m.structure) for n, m in obj.meta.items() if m.context == "structure"] \
-                + [("tpt.structure", obj.tpt.structure)]:
-            if max(st.levels) >= n_levels:
-                raise err(f"{key}.levels = {st.levels}, but the hierarchy has levels 0..{n_levels - 1}")
-        unknown = sorted(set(obj.tpt.augmix) - set(obj.data.datasets))
-        if unknown:
-            raise err(f"tpt.augmix names {unknown}, which data.datasets does not define")
-        if obj.data.source == "npm":
-            extra = sorted(set(obj.tpt.domains) - set(obj.data.npm.images))
-            if extra:
-                raise err(f"tpt.domains names {extra}, which data.npm.images does not define")
-    if isinstance(obj, Params):
-        own = obj.active().grid
-        if own is not None and own != obj.grid:
-            raise ConfigError(f"{where}: `grid` differs from `{obj.profile}.grid`, the active profile's own grid: "
-                              f"dvc.yaml expands the top-level `grid`, so with `profile: {obj.profile}` write "
-                              f"`grid: *grid_{obj.profile}` (Snakemake's --config profile={obj.profile} picks it "
-                              "by itself)")
-        check_grid(obj, obj.profile, where)
+    for name, m in obj.meta.items():
+        if m.tasks != "default" and m.tasks not in obj.tasks.variants:
+            raise err(f"meta.{name}.tasks = {m.tasks!r} needs {m.tasks!r} in tasks.variants")
+    n_levels = len(obj.cluster.levels) + 1
+    for key, st in [(f"meta.{n}.structure", m.structure) for n, m in obj.meta.items() if m.context == "structure"] \
+            + [("tpt.structure", obj.tpt.structure)]:
+        if max(st.levels) >= n_levels:
+            raise err(f"{key}.levels = {st.levels}, but the hierarchy has levels 0..{n_levels - 1}")
+    unknown = sorted(set(obj.tpt.augmix) - set(obj.data.datasets))
+    if unknown:
+        raise err(f"tpt.augmix names {unknown}, which data.datasets does not define")
+    if obj.data.source == "npm":
+        extra = sorted(set(obj.tpt.domains) - set(obj.data.npm.images))
+        if extra:
+            raise err(f"tpt.domains names {extra}, which data.npm.images does not define")
+
+
+def _check_params(obj: Params, where: str) -> None:
+    """The checks of the whole file: the active profile's grid."""
+    own = obj.active().grid
+    if own is not None and own != obj.grid:
+        raise ConfigError(f"{where}: `grid` differs from `{obj.profile}.grid`, the active profile's own grid: "
+                          f"dvc.yaml expands the top-level `grid`, so with `profile: {obj.profile}` write "
+                          f"`grid: *grid_{obj.profile}` (Snakemake's --config profile={obj.profile} picks it "
+                          "by itself)")
+    check_grid(obj, obj.profile, where)
 
 
 def prompt_shape(m: MethodParams) -> tuple[str, ...]:

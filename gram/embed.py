@@ -36,7 +36,6 @@ shards or raising the threshold) computes only what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -50,45 +49,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gram.io import job_threads
+from gram import backbone as B
+from gram.backbone import backbone_fingerprint
+from gram.data.shards import (SKIP_REASONS, ShardError, ShardPairs, corpus_shards, decode_rgb, expand_shards,
+                              is_local, local_path, shard_name)
+from gram.io import atomic_dir, file_sha256, job_threads, write_json
+from gram.stage import stage_parser, stage_setup
+from gram.tensorio import load_tensors, save_tensors
 
 log = logging.getLogger("gram.embed")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def backbone_fingerprint(model_dir: str | Path) -> str:
-    """SHA-256 over the backbone's config and weight files (what its embeddings depend on)."""
-    h = hashlib.sha256()
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no config or weights to fingerprint (is it a backbone directory?)")
-    for p in files:
-        h.update(p.name.encode())
-        h.update(file_sha256(p).encode())
-    return h.hexdigest()
-
-
-def read_shard(url: str | Path):
-    """The usable (key, image bytes, caption) of one shard, undecoded, in order, as a stream whose
-    `skipped` counts the others by reason (`gram.data.shards.ShardPairs`)."""
-    from gram.data.shards import ShardPairs
-
-    return ShardPairs(url)
 
 
 def _rgb(data: bytes, where: str):
     """One image decoded -> [H, W, 3] uint8 (resized later, on the encoder's device); None when the
     bytes do not decode."""
-    from gram.data.shards import decode_rgb
-
     try:
         return decode_rgb(data, where)
     except ValueError:
@@ -171,7 +145,7 @@ def _produce(todo: list[str], batch_size: int, workers: int, q: queue.Queue, sto
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for i, url in enumerate(todo):
                 t0 = time.perf_counter()
-                pairs = read_shard(url)
+                pairs = ShardPairs(url)
                 for batch in _decoded(pairs, batch_size, pool):
                     px = _pin(_batch_images([im for _, im, _ in batch]), pin)
                     item = (i, [k for k, _, _ in batch], px, [c for _, _, c in batch], time.perf_counter() - t0)
@@ -186,8 +160,6 @@ def _produce(todo: list[str], batch_size: int, workers: int, q: queue.Queue, sto
 
 def _existing(out: Path, fingerprint: dict) -> dict | None:
     """The metadata of `out` when it exists and was computed from the same shard and backbone, else None."""
-    from gram.tensorio import load_tensors
-
     if not out.exists():
         return None
     try:
@@ -200,8 +172,6 @@ def _existing(out: Path, fingerprint: dict) -> dict | None:
 def _fingerprint(url: str, model: str) -> dict:
     """What a shard's embeddings depend on: a local shard's bytes (SHA-256); a remote one is taken to be
     immutable under its URL (reading it only to hash it would double the download)."""
-    from gram.data.shards import ShardError, is_local, local_path, shard_name
-
     if not is_local(url):
         return {"shard": shard_name(url), "url": url, "backbone": model}
     try:
@@ -222,8 +192,6 @@ def _dim(path: Path) -> int:
 
 def shard_stem(url: str) -> str:
     """The per-shard file's stem for a shard address: `…/00012.tar` -> `00012`."""
-    from gram.data.shards import shard_name
-
     return Path(shard_name(url)).stem
 
 
@@ -245,9 +213,6 @@ def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_s
         ShardError naming a shard that cannot be read as a whole (the shards before it are kept).
     """
     from tqdm import tqdm
-
-    from gram.data.shards import SKIP_REASONS, expand_shards, shard_name
-    from gram.tensorio import save_tensors
 
     out_dir = Path(out_dir)
     urls = expand_shards(shards)
@@ -328,8 +293,6 @@ def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_s
 def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tuple[list[str], torch.Tensor,
                                                                                   torch.Tensor]:
     """(keys, image [N, E], text [N, E]) of the per-shard files of `out_dir` (or of `names`), in order."""
-    from gram.tensorio import load_tensors
-
     out_dir = Path(out_dir)
     files = [out_dir / n for n in names] if names is not None else sorted(out_dir.glob("*.safetensors"))
     if not files:
@@ -354,8 +317,6 @@ def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tupl
 # ------------------------------------------------------------------------------------------------
 def corpus_dirs(data_dir: str | Path, domains: list[str]) -> dict[str, list[str]]:
     """Shards of every corpus domain (`gram.data.shards.corpus_shards`); errors name what is missing."""
-    from gram.data.shards import corpus_shards
-
     if not domains:
         raise ValueError("data.vendors.meta is empty: there is no meta-training corpus to embed")
     return {d: corpus_shards(data_dir, d) for d in domains}
@@ -368,8 +329,6 @@ class TooManySkipped(RuntimeError):
 def skip_record(shards: dict[str, dict]) -> dict:
     """Skips of one domain from `embed_shards`'s per-shard records: {"samples": read, "total": skipped,
     "by_reason": {reason: n}, "by_shard": {shard: {reason: n}} (only shards with skips)}."""
-    from gram.data.shards import SKIP_REASONS
-
     by_reason = {r: sum(rec["skipped"][r] for rec in shards.values()) for r in SKIP_REASONS}
     total = sum(by_reason.values())
     return {"samples": sum(rec["pairs"] for rec in shards.values()) + total, "total": total,
@@ -381,8 +340,6 @@ def skip_record(shards: dict[str, dict]) -> dict:
 def check_skips(domains: dict[str, dict], max_fraction: float, where: str, worst: int = 5) -> dict:
     """Totals of `skip_record`s over every domain; raises TooManySkipped with a summary (counts by reason,
     the `worst` shards) when the skipped share of all samples read exceeds `max_fraction`."""
-    from gram.data.shards import SKIP_REASONS
-
     samples = sum(d["samples"] for d in domains.values())
     total = sum(d["total"] for d in domains.values())
     by_reason = {r: sum(d["by_reason"][r] for d in domains.values()) for r in SKIP_REASONS}
@@ -425,9 +382,6 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
         TooManySkipped when more than `cfg.max_skip_fraction` of the samples were skipped (nothing is
         published; the cache keeps every embedded shard); ShardError for a shard unreadable as a whole.
     """
-    from gram import backbone as B
-    from gram.io import atomic_dir, write_json
-
     out = Path(out)
     dirs = corpus_dirs(data_dir, domains)
     cache = out.with_name(f".{out.name}.cache")
@@ -463,8 +417,6 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("embed", __doc__)
     p.add_argument("--data", required=True, help="data directory of the profile, e.g. data/emoji")
     p.add_argument("--backbone", required=True, help="backbone directory, e.g. models/emoji/backbone")

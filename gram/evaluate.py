@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gram.backbone import load
 from gram.config import EvaluateParams, to_dict
-from gram.io import write_json
+from gram.data.datasets import dataset_domains, load_dataset, split_images
+from gram.io import atomic_dir, write_json
+from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.evaluate")
 
@@ -114,29 +118,24 @@ def score_protocol(clf, protocol: str, dataset: str, data_dir: Path, pc, exclude
         size: the backbone's image size (the paper profile decodes its datasets at it).
     A target domain holding a subset of the classes (ImageNet-A/-R) is scored among that subset only.
     """
-    from functools import partial
-
-    from gram.data import load_dataset
-    from gram.data import split_images as load
-
-    split_images = partial(load, size=size)
+    decoded = partial(split_images, size=size)
     ds = load_dataset(data_dir, dataset)
     everything = list(range(len(ds["classes"])))
     results = []
     if protocol == "few-shot":
-        results.append({"target": "all", **score_split(clf, split_images(data_dir, dataset, pc.domain, pc.split),
+        results.append({"target": "all", **score_split(clf, decoded(data_dir, dataset, pc.domain, pc.split),
                                                        everything)})
     elif protocol == "base-to-new":
-        sp = split_images(data_dir, dataset, pc.domain, pc.split)
+        sp = decoded(data_dir, dataset, pc.domain, pc.split)
         results.append({"target": "base", **score_split(clf, sp, ds["base"])})
         results.append({"target": "new", **score_split(clf, sp, ds["new"])})
     elif protocol == "cross-dataset":
         for target in pc.cross_dataset:
-            sp = split_images(data_dir, target, pc.domain, pc.split)
+            sp = decoded(data_dir, target, pc.domain, pc.split)
             results.append({"target": target, **score_split(clf, sp, list(range(len(sp.classes))), exclude)})
     elif protocol == "domain-generalisation":
         for target in pc.domain_generalisation:
-            sp = split_images(data_dir, dataset, target, pc.split)
+            sp = decoded(data_dir, dataset, target, pc.split)
             results.append({"target": target, **score_split(clf, sp, sp.class_subset or everything)})
     else:
         raise ValueError(f"unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
@@ -159,8 +158,6 @@ def summarise(protocol: str, results: list[dict]) -> dict:
 
 
 def evaluate_one(bb, cfg: EvaluateParams, method: str, data_dir: Path, dataset: str, domain: str) -> dict:
-    from gram.data import split_images
-
     t0 = time.time()
     sp = split_images(data_dir, dataset, domain, cfg.split, size=bb.spec.size).restricted()
     templates = [cfg.template] if method == "zeroshot" else list(cfg.ensemble)
@@ -193,10 +190,6 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
         device: str = "auto", dtype: str = "float32", grid=None, protocols=None) -> list[dict]:
     """Score `method` on every configured (dataset, domain) into `<out>/<dataset>/<domain>.json`, and
     under every protocol of `grid` into `<out>/protocols/<protocol>/<dataset>.json`."""
-    from gram.backbone import load
-    from gram.data import dataset_domains
-    from gram.io import atomic_dir
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     bb = load(backbone_dir, device, dtype)
@@ -223,8 +216,6 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("evaluate", __doc__)
     p.add_argument("--method", required=True, choices=METHODS, help="method to score")
     p.add_argument("--data", required=True, help="data directory of the profile, e.g. data/emoji")

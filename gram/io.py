@@ -1,4 +1,4 @@
-"""Atomic outputs, JSON records and stage logging. [ours]
+"""Atomic outputs, JSON records, file hashes and stage logging. [ours]
 
 Every stage writes through these helpers so that an interrupted run never leaves a half-written
 file or directory where a finished one is expected: files go to a temporary sibling and are
@@ -105,6 +105,15 @@ def config_digest(obj: Any) -> str:
     """Short stable hash of a JSON-able object (e.g. a params section)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read `chunk` bytes at a time (shards and weights are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class StderrHandler(logging.StreamHandler):

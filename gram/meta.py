@@ -21,10 +21,11 @@ form "mix" only) pulls the gate c towards half the domain similarity of the two 
 the agreement of the query gradient at θ' with the regulated support gradient.
 
 The corpus (`load_corpus`) holds only what the tasks' pairs need: their captions and frozen image
-features [N, E] (encoded once, in batches), and `Corpus.pixels`, a `LazyPixels` that reads and decodes
-a set's images when a loss asks for them. A local tar shard is indexed from its headers, so a used row
-costs its location (about 30 bytes) and one seek per read; a shard addressed by URL, `pipe:` or s3://
-(or compressed) cannot be sought, so the encoded images of its used rows stay in memory.
+features [N, E] (encoded once, in batches), and `Corpus.pixels`, a `gram.data.corpus.LazyPixels` that
+reads and decodes a set's images when a loss asks for them. A local tar shard is indexed from its
+headers, so a used row costs its location (about 30 bytes) and one seek per read; a shard addressed by
+URL, `pipe:` or s3:// (or compressed) cannot be sought, so the encoded images of its used rows stay in
+memory (gram/data/corpus.py).
 
 On CUDA the losses run under bf16 autocast (ψ stays fp32); on the CPU in fp32. A checkpoint (θ, φ,
 the optimiser, the history) is written every `checkpoint_every` steps to `.<out>.ckpt/` beside the
@@ -45,7 +46,7 @@ Rank 0 alone validates, checkpoints and writes the outputs; a checkpoint resumes
                     regulated inner step; `world_size`, the number of processes.
   meta.png          the loss curves.
 
-Downstream (`gram tune` with a method of `grid.gram`): `load_meta` gives θ and ψ_φ back.
+Downstream (`gram tune` with a method of `grid.gram`, `gram tpt`): `gram.regulator.load_meta` gives θ and ψ_φ back.
 """
 
 from __future__ import annotations
@@ -54,10 +55,7 @@ import functools
 import logging
 import os
 import sys
-import tarfile
 import time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +66,21 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gram import distributed
+from gram.backbone import backbone_fingerprint, load
+from gram.cluster import KEYS
 from gram.config import MetaParams, to_dict
+from gram.data.corpus import LazyPixels, locate_pairs
 from gram.distributed import World
-from gram.io import job_threads
-from gram.regulator import Regulators, regulate
+from gram.io import atomic_dir, atomic_path, config_digest, file_sha256, write_json
+from gram.prompts import make_learner
+from gram.prompts.encoders import encode_image_prompted, normalize
+from gram.prototypes import load_structure
+from gram.regulator import META, Regulators, make_regulators, regulate
+from gram.stage import stage_parser, stage_setup
+from gram.tasks import load_tasks, task_file
+from gram.tensorio import load_tensors, save_tensors, save_theta
 
 log = logging.getLogger("gram.meta")
-
-META = "meta.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -96,176 +101,13 @@ class Corpus:
     frozen: torch.Tensor
 
 
-def read_member(path: str, offset: int, size: int) -> bytes:
-    """The `size` bytes at `offset` of a local file (a tar member's data, located by `index_tar`).
-
-    Raises:
-        ShardError naming the shard when the file ends before them (it changed since it was indexed).
-    """
-    from gram.data.shards import ShardError
-
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise ShardError(f"{path}: {size} bytes at offset {offset} are past the end of the shard (did it change "
-                         f"since the meta stage indexed it?)")
-    return data
-
-
-def index_tar(path: str | Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """The samples of a local uncompressed tar shard, from its headers alone (tarfile seeks past the data):
-    (key, {lower-case extension: (offset of the member's data, its size)}), in shard order, grouped as
-    `gram.data.shards.iter_shard` groups them (consecutive members of one key; no `__x__` or non-file members).
-
-    Raises:
-        tarfile.ReadError when the file is no uncompressed tar (a compressed shard cannot be sought: read it
-        as a stream); ShardError naming the shard when it is truncated or a sample repeats a member.
-    """
-    from gram.data.shards import ShardError, ended_cleanly, member_key
-
-    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, mode="r:") as tar:
-        end = os.fstat(tar.fileobj.fileno()).st_size
-        while (info := tar.next()) is not None:
-            tar.members = []  # the index below is all that is kept
-            named = member_key(info)
-            if named is None:
-                continue
-            key, ext = named
-            if info.offset_data + info.size > end:
-                raise ShardError(f"{path}: the shard is truncated (member {info.name} ends past the file, after "
-                                 f"{len(samples)} samples)")
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            members = samples[-1][1]
-            if ext.lower() in members:
-                raise ShardError(f"{path}: sample {key} has two `{ext.lower()}` members (after {len(samples) - 1} "
-                                 "samples)")
-            members[ext.lower()] = (info.offset_data, info.size)
-        if not ended_cleanly(tar):
-            raise ShardError(f"{path}: the shard is truncated or damaged after {len(samples)} samples (no "
-                             "end-of-archive marker where its last member ends)")
-    return samples
-
-
-class LazyPixels:
-    """`pixels[rows]` -> the preprocessed images [len(rows), 3, crop, crop] (float32, CPU), read and decoded on
-    demand: exactly `gram.backbone.preprocess(decoded uint8 images of rows, spec)`, whatever the rows (repeats
-    too), the order and the mix of image sizes.
-
-    A row of a local tar shard is its location (shard, data offset, size, extension; about 30 bytes a row,
-    in numpy arrays) and is read with one seek (`read_member`). A row of a shard that cannot be sought (an
-    http(s)://, pipe:, s3:// … address or a compressed tar) keeps its encoded image bytes in memory, as
-    the streamed shard cannot be reopened at a position (CC3M at 256 px: some 10-20 kB a row). The last
-    `cache_rows` preprocessed rows are kept (an inner loop re-reads its support set every step); misses
-    are decoded on `workers` threads.
-    """
-
-    def __init__(self, spec, keys: list[str], shards: list[str], local: dict[int, tuple[int, int, int, str]],
-                 raw: dict[int, tuple[int, bytes]], cache_rows: int = 256, workers: int = 0):
-        """`local`: row -> (index in `shards`, offset, size, extension); `raw`: row -> (index in `shards`,
-        image bytes). A row in neither is refused."""
-        self.spec, self.keys, self.shards = spec, keys, list(shards)
-        self.exts = sorted({e for _, _, _, e in local.values()})
-        rows = np.array(sorted(local), dtype=np.int64)
-        self._rows = rows  # sorted, for searchsorted
-        self._shard = np.array([local[r][0] for r in rows], dtype=np.int32)
-        self._offset = np.array([local[r][1] for r in rows], dtype=np.int64)
-        self._size = np.array([local[r][2] for r in rows], dtype=np.int64)
-        self._ext = np.array([self.exts.index(local[r][3]) for r in rows], dtype=np.int8)
-        self._raw = dict(raw)
-        self.cache_rows = cache_rows
-        self.workers = workers or min(8, job_threads())
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return len(self.keys), 3, self.spec.crop, self.spec.crop
-
-    def location(self, row: int) -> tuple[str, int, int, str] | tuple[str, None, int, None]:
-        """(shard, data offset, size, extension) of a row; offset and extension are None for a row held in memory."""
-        j = int(np.searchsorted(self._rows, row))
-        if j < len(self._rows) and self._rows[j] == row:
-            return (self.shards[self._shard[j]], int(self._offset[j]), int(self._size[j]), self.exts[self._ext[j]])
-        if row in self._raw:
-            shard, data = self._raw[row]
-            return self.shards[shard], None, len(data), None
-        raise KeyError(f"row {row} ({self.keys[row] if 0 <= row < len(self.keys) else 'out of range'}) is used by "
-                       f"no task: the corpus holds only the rows of the tasks")
-
-    def read(self, row: int) -> bytes:
-        """The encoded image of one row."""
-        shard, offset, size, _ = self.location(row)
-        return self._raw[row][1] if offset is None else read_member(shard, offset, size)
-
-    def decode(self, row: int) -> torch.Tensor:
-        """One row read, decoded and preprocessed -> [3, crop, crop] (not cached)."""
-        from gram.backbone import preprocess
-        from gram.data.shards import decode_rgb
-
-        rgb = decode_rgb(self.read(row), f"{self.location(row)[0]}:{self.keys[row]}")  # errors name the shard
-        # a writable copy (torch wants one); contiguous like a row of a pixel tensor (preprocess keeps the
-        # channels-last strides of the decoded image)
-        return preprocess(np.array(rgb)[None], self.spec)[0].contiguous()
-
-    def load(self, rows, cache: bool = True) -> torch.Tensor:
-        """pixels[rows]; `cache`: keep the decoded rows in (and take them from) the LRU cache."""
-        idx = self._as_rows(rows)
-        have: dict[int, torch.Tensor] = {}
-        if cache:
-            for r in dict.fromkeys(idx.tolist()):
-                if r in self._cache:
-                    self._cache.move_to_end(r)
-                    have[r] = self._cache[r]
-        todo = [r for r in dict.fromkeys(idx.tolist()) if r not in have]
-        if len(todo) > 1 and self.workers > 1:
-            with ThreadPoolExecutor(min(self.workers, len(todo))) as pool:
-                decoded = list(pool.map(self.decode, todo))
-        else:
-            decoded = [self.decode(r) for r in todo]
-        have.update(zip(todo, decoded))
-        if cache and self.cache_rows > 0:
-            for r, px in zip(todo, decoded):
-                self._cache[r] = px
-            while len(self._cache) > self.cache_rows:
-                self._cache.popitem(last=False)
-        if not len(idx):
-            return torch.zeros(0, 3, self.spec.crop, self.spec.crop)
-        return torch.stack([have[r] for r in idx.tolist()])  # [n, 3, crop, crop]
-
-    def __getitem__(self, rows) -> torch.Tensor:
-        """pixels[rows] for a LongTensor, array, list or slice of rows ([3, crop, crop] for one int)."""
-        if isinstance(rows, (int, np.integer)) or (isinstance(rows, torch.Tensor) and rows.ndim == 0):
-            return self.load([int(rows)])[0]
-        return self.load(rows)
-
-    def _as_rows(self, rows) -> np.ndarray:
-        """Rows as a 1-D int64 array, negatives counted from the end; IndexError beyond [-N, N)."""
-        n = len(self.keys)
-        if isinstance(rows, slice):
-            return np.arange(*rows.indices(n), dtype=np.int64)
-        if isinstance(rows, torch.Tensor):
-            rows = rows.detach().cpu().numpy()
-        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(idx) and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"rows out of range for a corpus of {n} pairs")
-        return np.where(idx < 0, idx + n, idx)
-
-
 def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, batch_size: int = 256,
                 cache_rows: int = 256, workers: int = 0) -> Corpus:
     """The corpus of the pairs `keys` (hierarchy order, `<domain>/<key>`) of which the tasks use `rows`.
 
-    The shards of each domain are `gram.data.shards.corpus_shards(data_dir, domain)` (a folder of tars, or
-    the download stage's manifest of addresses). A local uncompressed tar is indexed from its headers
-    (`index_tar`) and only the members of `rows` are read, with a seek each; any other shard (URL, pipe:,
-    s3://, compressed) is streamed once (`gram.embed.read_shard`) and the encoded images of `rows` are kept
-    in memory. A key found in several shards is taken from the last, as a sample is taken only with an
-    image and a non-blank caption (as `gram.data.shards.ShardPairs` does). The frozen features are encoded
+    The pairs are found in the shards of each domain by `gram.data.corpus.locate_pairs` (a local
+    uncompressed tar is indexed and only the members of `rows` are read, with a seek each; any other shard
+    is streamed once and the encoded images of `rows` are kept in memory). The frozen features are encoded
     `batch_size` rows at a time (in row order) and no pixels are kept: `Corpus.pixels` is a `LazyPixels`
     (`cache_rows`, `workers`: its LRU cache and decoding threads).
 
@@ -273,54 +115,10 @@ def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, bat
         FileNotFoundError naming a domain without shards; ValueError when a pair of `rows` is in no shard;
         ShardError naming a shard that cannot be read.
     """
-    from gram.data.shards import IMAGE_EXTS, corpus_shards, is_local, local_path
-    from gram.embed import read_shard
-    from gram.prompts.encoders import encode_image_prompted, normalize
-
-    where = {k: i for i, k in enumerate(keys)}
-    wanted = set(int(r) for r in rows)
-    captions = [""] * len(keys)
-    shards: list[str] = []
-    local: dict[int, tuple[int, int, int, str]] = {}  # row -> (shard, offset, size, extension)
-    raw: dict[int, tuple[int, bytes]] = {}  # row -> (shard, image bytes): the shards that cannot be sought
-    streamed = 0
-    for d in sorted({k.split("/", 1)[0] for k in keys}):
-        for url in corpus_shards(data_dir, d):
-            s = len(shards)
-            shards.append(str(local_path(url)) if is_local(url) else url)
-            samples = None
-            if is_local(url):
-                try:
-                    samples = index_tar(shards[s])
-                except (tarfile.ReadError, OSError):  # compressed or unreadable: the stream reader says which
-                    samples = None
-            if samples is None:
-                streamed += 1
-                for key, data, caption in read_shard(url):
-                    i = where.get(f"{d}/{key}")
-                    if i in wanted:
-                        captions[i] = caption
-                        raw[i] = (s, data)
-                        local.pop(i, None)
-                continue
-            for key, members in samples:
-                i = where.get(f"{d}/{key}")
-                if i not in wanted:
-                    continue
-                ext = next((e for e in IMAGE_EXTS if e in members), None)
-                caption = read_member(shards[s], *members["txt"]).decode("utf-8", "replace") if "txt" in members else ""
-                if ext is None or not caption.strip():
-                    continue  # not a pair: ShardPairs skips it
-                captions[i] = caption
-                local[i] = (s, *members[ext], ext)
-                raw.pop(i, None)
-    missing = sorted(wanted - set(local) - set(raw))
-    if missing:
-        raise ValueError(f"{data_dir}/shards: {len(missing)} pairs of the hierarchy are in no shard "
-                         f"(first: {keys[missing[0]]}); rerun the embed and cluster stages on these shards")
+    captions, shards, local, raw, streamed = locate_pairs(data_dir, keys, rows)
     pixels = LazyPixels(bb.spec, keys, shards, local, raw, cache_rows, workers)
     frozen = torch.zeros(len(keys), bb.model.config.projection_dim)
-    order = sorted(wanted)
+    order = sorted(set(int(r) for r in rows))
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
@@ -350,16 +148,6 @@ def attention_for(second_order: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
-
-
-def make_regulators(theta: dict[str, torch.Tensor], cfg, context_dim: int) -> Regulators:
-    """ψ_φ for every θ tensor, as `cfg` (RegulatorParams) says; φ in float32."""
-    from gram.config import reads_context
-
-    r = cfg
-    return Regulators(theta, form=r.form, rank=r.rank, hidden=r.hidden, init=r.init,
-                      context_dim=context_dim if reads_context(r) else None,
-                      gate_context=r.form == "gate" and r.gate_context)
 
 
 class MetaLearner:
@@ -497,9 +285,6 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> N
 
 
 def save_checkpoint(ckpt: Path, ml: MetaLearner, opt, step: int, digest: str, history: list) -> None:
-    from gram.io import atomic_dir
-    from gram.tensorio import save_tensors
-
     tensors = {**{f"theta.{n}": v.detach().cpu() for n, v in ml.theta.items()},
                **{f"phi.{n}": v.detach().cpu() for n, v in ml.phi.items()}, **_opt_tensors(opt)}
     with atomic_dir(ckpt) as tmp:
@@ -508,8 +293,6 @@ def save_checkpoint(ckpt: Path, ml: MetaLearner, opt, step: int, digest: str, hi
 
 def load_checkpoint(ckpt: Path, ml: MetaLearner, opt, digest: str) -> tuple[int, list]:
     """Resume from `ckpt` when it was written with the same digest; returns (step, history)."""
-    from gram.tensorio import load_tensors
-
     if not (ckpt / "state.safetensors").exists():
         return 0, []
     try:
@@ -588,51 +371,8 @@ def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None
 # files
 # ------------------------------------------------------------------------------------------------
 def save_meta(path: Path, ml: MetaLearner, meta: dict) -> None:
-    from gram.tensorio import save_tensors
-
-    tensors = {**{f"theta.{n}": v.detach().float().cpu() for n, v in ml.theta.items()},
-               **{f"phi.{n}": v.detach().float().cpu() for n, v in ml.phi.items()}}
-    save_tensors(path, tensors, meta)
-
-
-def load_meta(meta_dir: str | Path, learner=None) -> tuple[dict[str, torch.Tensor], Regulators, dict]:
-    """(θ, ψ_φ with φ loaded and frozen, metadata) of a meta-train output directory.
-
-    With `learner`, θ's names and shapes must equal the learner's (the error names the file)."""
-    from gram.config import RegulatorParams, _build
-    from gram.tensorio import load_tensors
-
-    path = Path(meta_dir) / META
-    tensors, meta = load_tensors(path)
-    theta = {n[len("theta."):]: v for n, v in tensors.items() if n.startswith("theta.")}
-    phi = {n[len("phi."):]: v for n, v in tensors.items() if n.startswith("phi.")}
-    if learner is not None:
-        want = {n: tuple(p.shape) for n, p in learner.named_parameters()}
-        have = {n: tuple(v.shape) for n, v in theta.items()}
-        if want != have:
-            raise ValueError(f"{path}: meta-learned θ has tensors {have}, the method's prompt has {want} "
-                             f"(meta recipe prompt {meta.get('config', {}).get('prompt')})")
-    rcfg = _build(RegulatorParams, meta["config"]["regulator"], "regulator", str(path))
-    regs = make_regulators(theta, rcfg, int(meta["context_dim"]))
-    regs.load_state_dict(phi)
-    regs.requires_grad_(False)
-    return theta, regs, meta
-
-
-def load_structure(prototypes_dir: str | Path | None, cfg, who: str):
-    """The `StructureContext` of StructureParams `cfg` over the prototypes stage's output, and its SHA-256."""
-    from gram.embed import file_sha256
-    from gram.prototypes import PROTOTYPES
-    from gram.regulator import StructureContext
-    from gram.tensorio import load_tensors
-
-    if prototypes_dir is None:
-        raise ValueError(f"{who} relates samples to the prototypes: pass --prototypes (e.g. data/emoji/prototypes)")
-    path = Path(prototypes_dir) / PROTOTYPES
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing (did the prototypes stage run?)")
-    tensors, _ = load_tensors(path)
-    return StructureContext(tensors, cfg.levels, cfg.tau, cfg.modality, cfg.sub), file_sha256(path)
+    """The meta-learned θ and φ, in float32, as `gram.regulator.load_meta` reads them."""
+    save_theta(path, ml.theta, ml.phi, meta)
 
 
 def _plot(history: list[dict], path: Path, title: str) -> None:
@@ -653,8 +393,6 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    from gram.io import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -666,13 +404,6 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     """Meta-train recipe `<profile>.meta.<recipe>`; writes `out` (meta.safetensors, meta.json, meta.png).
     `prototypes_dir` (the prototypes stage's output) is read by recipes with context: structure.
     `world` (gram.distributed.init): every rank trains; rank 0 alone validates and writes `out`."""
-    from gram.backbone import load
-    from gram.cluster import KEYS
-    from gram.embed import backbone_fingerprint, file_sha256
-    from gram.io import atomic_dir, config_digest, write_json
-    from gram.tasks import load_tasks, task_file
-    from gram.tune import make_learner
-
     if recipe not in prof.meta:
         raise KeyError(f"meta recipe {recipe!r} is not defined in <profile>.meta "
                        f"(defined: {', '.join(prof.meta) or 'none'})")
@@ -744,8 +475,6 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("meta", __doc__)
     p.add_argument("--recipe", required=True, help="meta-training recipe (a key of <profile>.meta)")
     p.add_argument("--data", required=True, help="data directory of the profile (its shards), e.g. data/emoji")

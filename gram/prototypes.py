@@ -17,6 +17,7 @@ Output (`gram prototypes --embed DIR --chc DIR --out DIR`): `prototypes.safetens
 `level{i}.image|text|fused` [C_i, E], `level{i}.size` [C_i], `level{i}.complexity` [C_i] and
 `level{i}.sub.image|text|fused` [P_i, E] with `level{i}.sub.cluster` [P_i] (the cluster each belongs
 to, ascending) and `level{i}.sub.size` [P_i]; and `prototypes.json` (counts per level).
+`load_structure` reads the file back as the structure context of meta-training and test-time tuning.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gram.cluster import Hierarchy, fuse, kmeans, minmax
+from gram.cluster import Hierarchy, fuse, kmeans, load_chc, load_corpus, minmax
+from gram.io import atomic_dir, file_sha256, write_json
+from gram.regulator import StructureContext
+from gram.stage import stage_parser, stage_setup
+from gram.tensorio import load_tensors, save_tensors
 
 log = logging.getLogger("gram.prototypes")
 
@@ -92,10 +97,6 @@ def prototypes(img: torch.Tensor, txt: torch.Tensor, h: Hierarchy, complexity: l
 
 def run(cfg, domains: list[str], embed_dir: str | Path, chc_dir: str | Path, out: str | Path) -> dict:
     """Write `<out>/prototypes.safetensors` and `<out>/prototypes.json` from the embed and cluster outputs."""
-    from gram.cluster import load_chc, load_corpus
-    from gram.io import atomic_dir, write_json
-    from gram.tensorio import save_tensors
-
     h, ids, tensors, meta = load_chc(chc_dir)
     all_ids, img, txt = load_corpus(embed_dir, domains)
     rows = tensors["rows"]
@@ -116,9 +117,18 @@ def run(cfg, domains: list[str], embed_dir: str | Path, chc_dir: str | Path, out
     return info
 
 
-def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
+def load_structure(prototypes_dir: str | Path | None, cfg, who: str):
+    """The `StructureContext` of StructureParams `cfg` over the prototypes stage's output, and its SHA-256."""
+    if prototypes_dir is None:
+        raise ValueError(f"{who} relates samples to the prototypes: pass --prototypes (e.g. data/emoji/prototypes)")
+    path = Path(prototypes_dir) / PROTOTYPES
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (did the prototypes stage run?)")
+    tensors, _ = load_tensors(path)
+    return StructureContext(tensors, cfg.levels, cfg.tau, cfg.modality, cfg.sub), file_sha256(path)
 
+
+def main(argv: list[str] | None = None) -> None:
     p = stage_parser("prototypes", __doc__)
     p.add_argument("--embed", required=True, help="embeddings of the embed stage, e.g. data/emoji/embed")
     p.add_argument("--chc", required=True, help="output directory of the cluster stage, e.g. data/emoji/chc")

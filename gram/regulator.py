@@ -19,6 +19,10 @@ and the meta-learning prototypes"; the form is ours, method-notes §5] is ψ wit
 Σ_k softmax_k(cos(f, P_k)/τ)·P_k, the prototypes P of the prototypes stage. Meta-training with
 `context: structure` feeds ψ the same h (of the mean support feature), so ψ learns to read it.
 
+The meta stage (gram.meta) learns θ and φ and writes them to `META` in its output directory;
+`load_meta` reads them back as θ and a frozen `Regulators`, for few-shot tuning (gram.tune) and
+test-time tuning (gram.tpt), which therefore need not import the meta-training loop.
+
 Feeding the MLPs the direction u rather than g makes them independent of the gradient's scale (prompt
 gradients are often 1e-4 or smaller); a zero row stays zero. ψ is kept in float32 whatever the autocast
 dtype (it computes in its parameters' dtype). `Regulators` holds one ψ per θ tensor; with `torch.func.functional_call` both θ and φ can be
@@ -28,12 +32,17 @@ treated functionally (`regulate`), which the meta-gradient needs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal, Mapping
 
 import torch
 import torch.nn as nn
 
+from gram.config import RegulatorParams, reads_context, section_from_dict
+from gram.tensorio import load_theta
+
 FORMS = ("mix", "gate")
+META = "meta.safetensors"  # the meta stage's θ and φ, in its output directory
 EPS = 1.0e-12
 
 
@@ -190,3 +199,30 @@ class StructureContext:
     def __call__(self, f: torch.Tensor) -> torch.Tensor:
         """h [..., E] for image features f [..., E]."""
         return torch.stack([w @ b for w, b in zip(self.weights(f), self.bank)]).mean(0)
+
+
+def make_regulators(theta: dict[str, torch.Tensor], cfg: RegulatorParams, context_dim: int) -> Regulators:
+    """ψ_φ for every θ tensor, as `cfg` says; φ in float32."""
+    r = cfg
+    return Regulators(theta, form=r.form, rank=r.rank, hidden=r.hidden, init=r.init,
+                      context_dim=context_dim if reads_context(r) else None,
+                      gate_context=r.form == "gate" and r.gate_context)
+
+
+def load_meta(meta_dir: str | Path, learner=None) -> tuple[dict[str, torch.Tensor], Regulators, dict]:
+    """(θ, ψ_φ with φ loaded and frozen, metadata) of a meta-train output directory.
+
+    With `learner`, θ's names and shapes must equal the learner's (the error names the file)."""
+    path = Path(meta_dir) / META
+    theta, phi, meta = load_theta(path)
+    if learner is not None:
+        want = {n: tuple(p.shape) for n, p in learner.named_parameters()}
+        have = {n: tuple(v.shape) for n, v in theta.items()}
+        if want != have:
+            raise ValueError(f"{path}: meta-learned θ has tensors {have}, the method's prompt has {want} "
+                             f"(meta recipe prompt {meta.get('config', {}).get('prompt')})")
+    rcfg = section_from_dict(RegulatorParams, meta["config"]["regulator"], str(path), "regulator")
+    regs = make_regulators(theta, rcfg, int(meta["context_dim"]))
+    regs.load_state_dict(phi)
+    regs.requires_grad_(False)
+    return theta, regs, meta

@@ -33,8 +33,10 @@ import io
 import logging
 from pathlib import Path
 
+from gram import tables
 from gram.config import Params, ProfileParams
 from gram.io import atomic_path, read_json, write_json, write_text
+from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.report")
 
@@ -346,8 +348,6 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
     plot_zero_shot(rows, out / "zero_shot.png", methods, datasets, domains, roles)
     plot_loss(backbone or {}, out / "backbone.png")
     if runs_dir is not None:
-        from gram import tables
-
         tables.run(params.grid, prof, eval_dir, runs_dir, out)
     if chc_dir is not None:
         clustering(chc_dir, out, profile)
@@ -451,8 +451,6 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
 
 
 def main_tpt(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("tpt-report", test_time.__doc__)
     p.add_argument("--tpt", required=True, help="test-time runs directory, e.g. results/emoji/tpt")
     p.add_argument("--out", required=True, help="directory of the table, e.g. results/emoji")
@@ -462,8 +460,6 @@ def main_tpt(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("report", __doc__)
     p.add_argument("--eval", required=True, help="evaluation directory, e.g. results/emoji/eval")
     p.add_argument("--backbone", default=None, help="backbone directory (for its pretraining record)")

@@ -40,6 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gram.cluster import KEYS, load_chc, minmax
+from gram.io import atomic_dir, write_json
+from gram.stage import stage_parser, stage_setup
+from gram.tensorio import load_tensors, save_tensors
+
 log = logging.getLogger("gram.tasks")
 
 TASKS = "tasks.safetensors"
@@ -170,10 +175,6 @@ def summary(tasks: Tasks, complexity: np.ndarray, counts: np.ndarray, n_pairs: i
 
 def run(cfg, chc_dir: str | Path, out: str | Path) -> dict:
     """Sample the tasks of `cfg` from the cluster stage's output; write `<out>/tasks.safetensors` + tasks.json."""
-    from gram.cluster import KEYS, load_chc, minmax
-    from gram.io import atomic_dir, write_json
-    from gram.tensorio import save_tensors
-
     h, ids, tensors, _ = load_chc(chc_dir)
     if cfg.level >= len(h.levels):
         raise ValueError(f"tasks.level = {cfg.level} but {Path(chc_dir)} has levels 0..{len(h.levels) - 1}")
@@ -209,8 +210,6 @@ def task_file(variant: str = "default") -> str:
 
 def load_tasks(out: str | Path, variant: str = "default") -> tuple[Tasks, dict]:
     """(tasks, metadata) of a tasks stage output directory (`variant`: default or one of tasks.variants)."""
-    from gram.tensorio import load_tensors
-
     path = Path(out) / task_file(variant)
     if variant != "default" and not path.exists():
         raise FileNotFoundError(f"{path}: no {variant!r} tasks here (add {variant!r} to tasks.variants)")
@@ -219,8 +218,6 @@ def load_tasks(out: str | Path, variant: str = "default") -> tuple[Tasks, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("tasks", __doc__)
     p.add_argument("--chc", required=True, help="output directory of the cluster stage, e.g. data/emoji/chc")
     p.add_argument("--out", required=True, help="output directory, e.g. data/emoji/tasks")

@@ -38,3 +38,31 @@ def load_tensors(path: str | Path, names: list[str] | None = None) -> tuple[dict
             raise ValueError(f"{path}: not a gram tensor file (no `gram` entry in its metadata)")
         keys = list(f.keys()) if names is None else names
         return {k: f.get_tensor(k) for k in keys}, json.loads(raw["gram"])
+
+
+def save_prompt(path: str | Path, theta: dict, meta: dict) -> None:
+    """Write a tuned θ (name -> tensor, on any device) and its record (method, dataset, class ids, ...)."""
+    save_tensors(path, {k: v.detach().cpu() for k, v in theta.items()}, meta)
+
+
+def load_prompt(path: str | Path) -> tuple[dict, dict]:
+    """(θ, record) of a prompt written by `save_prompt`; the error for a missing file says who writes it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: no tuned prompt here (the few-shot job of grid.transfer writes it)")
+    return load_tensors(path)
+
+
+def save_theta(path: str | Path, theta: dict, phi: dict, meta: dict) -> None:
+    """Write prompt parameters θ and regulator parameters φ (float32, on the CPU) as `theta.<name>` and
+    `phi.<name>` tensors of one file, with `meta`."""
+    tensors = {**{f"theta.{n}": v.detach().float().cpu() for n, v in theta.items()},
+               **{f"phi.{n}": v.detach().float().cpu() for n, v in phi.items()}}
+    save_tensors(path, tensors, meta)
+
+
+def load_theta(path: str | Path) -> tuple[dict, dict, dict]:
+    """(θ, φ, meta) of a file written by `save_theta`."""
+    tensors, meta = load_tensors(path)
+    theta = {n[len("theta."):]: v for n, v in tensors.items() if n.startswith("theta.")}
+    phi = {n[len("phi."):]: v for n, v in tensors.items() if n.startswith("phi.")}
+    return theta, phi, meta

@@ -47,7 +47,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gram.backbone import backbone_fingerprint, load
 from gram.config import TptMethodParams, TptParams, to_dict
+from gram.data.datasets import dataset_domains, split_images
+from gram.evaluate import scores
+from gram.images import normalize_pixels, preprocess
+from gram.io import config_digest, file_sha256, write_json
+from gram.prompts import make_learner
+from gram.prompts.encoders import encode_image_prompted, encode_text_embeds, normalize
+from gram.prototypes import load_structure
+from gram.regulator import META, load_meta
+from gram.stage import stage_parser, stage_setup
+from gram.tensorio import load_prompt, load_tensors, save_tensors
+from gram.tune import frozen_features
 
 log = logging.getLogger("gram.tpt")
 
@@ -179,8 +191,6 @@ def make_views(image: np.ndarray, spec, views: int, gen: torch.Generator, augmen
     """Normalised pixel values [views, 3, crop, crop] of one uint8 image [H, W, 3]: view 0 is CLIP's
     preprocessing of the image; the others are random resized crops of its centred square (flipped
     with probability ½), AugMix-style for `augment: augmix`."""
-    from gram.backbone import normalize_pixels, preprocess
-
     first = preprocess(image[None], spec).to(device)  # [1, 3, s, s]
     if views == 1:
         return first
@@ -269,8 +279,6 @@ class ClassPrompts:
 
     def features(self, ctx: torch.Tensor) -> torch.Tensor:
         """L2-normalised text features [B, C, E] for contexts ctx [B, M, D]."""
-        from gram.prompts.encoders import encode_text_embeds, normalize
-
         clip, B, C = self.learner.clip, ctx.shape[0], len(self.names)
         ctx = ctx.to(self.tokens.dtype)
         bos = self.tokens[:1, :1].expand(B, 1, -1)  # [B, 1, D]
@@ -376,8 +384,6 @@ def tpt_reference(learner, views: torch.Tensor, names: list[str], ctx0: torch.Te
         views: normalised pixels [V, 3, s, s] of one image (view 0: the image itself).
     Returns: {"before": int, "after": int, "ctx": [M, D]}.
     """
-    from gram.prompts.encoders import encode_image_prompted, encode_text_embeds, normalize
-
     clip, dev = learner.clip, learner.backbone.device
     ids, eos = learner.prompt_ids(names)
     full = torch.full((len(names), learner.context), learner.pad, dtype=ids.dtype)
@@ -439,8 +445,6 @@ class TestTimeTuner:
 
     def view_features(self, views: torch.Tensor) -> torch.Tensor:
         """Frozen L2-normalised features [N, E] of views [N, 3, s, s], `image_batch` at a time."""
-        from gram.tune import frozen_features
-
         return frozen_features(self.learner, views, self.image_batch)
 
     def run(self, images: np.ndarray, keys: list[str], names: list[str], seed: int, augment: str = "crop-flip",
@@ -458,8 +462,6 @@ class TestTimeTuner:
         per_batch = self.images_per_batch(len(names))
         cached = None
         if cache is not None and Path(cache).exists():
-            from gram.tensorio import load_tensors
-
             cached = load_tensors(cache)[0]["features"]
             if cached.shape[:2] != (len(images), cfg.views):
                 raise ValueError(f"{cache}: view features of shape {list(cached.shape)}, expected "
@@ -494,8 +496,6 @@ class TestTimeTuner:
             bar.update(len(rows))
         bar.close()
         if cache is not None and cached is None and computed:
-            from gram.tensorio import save_tensors
-
             save_tensors(cache, {"features": torch.cat(computed)}, {"images": len(images), "views": cfg.views})
         return {"before": torch.cat(before).numpy(), "after": torch.cat(after).numpy(),
                 "entropy": torch.cat(losses).numpy(), "views_cached": cached is not None,
@@ -510,8 +510,6 @@ def views_cache_name(backbone_fp: str, cfg: TptParams, augment: str, seed: int, 
                      image_batch: int, device: torch.device, dtype: torch.dtype) -> str:
     """File name of the view features of one split: a digest of everything they depend on (the batch
     sizes too, since they set which views are encoded together)."""
-    from gram.io import config_digest
-
     return config_digest({"backbone": backbone_fp, "views": cfg.views, "crop_scale": list(cfg.crop_scale),
                           "augment": augment, "seed": seed, "batch": batch, "image_batch": image_batch,
                           "keys": hashlib.sha256("\n".join(keys).encode()).hexdigest(),
@@ -523,8 +521,6 @@ def views_cache_name(backbone_fp: str, cfg: TptParams, augment: str, seed: int, 
 # ------------------------------------------------------------------------------------------------
 def initial_context(learner, m: TptMethodParams, prompt_path=None, meta=None) -> tuple[torch.Tensor, dict]:
     """The context every image starts from, and where it came from."""
-    from gram.tune import load_prompt
-
     if m.init == "words":
         return learner.ctx.detach().clone(), {"init": "words", "template": m.prompt.init}
     if m.init == "tuned":
@@ -536,8 +532,6 @@ def initial_context(learner, m: TptMethodParams, prompt_path=None, meta=None) ->
         if tuple(theta["ctx"].shape) != tuple(learner.ctx.shape):
             raise ValueError(f"{prompt_path}: context of shape {list(theta['ctx'].shape)}, but this method's "
                              f"prompt has {list(learner.ctx.shape)}")
-        from gram.embed import file_sha256
-
         return theta["ctx"], {"init": "tuned", "prompt": str(prompt_path), "sha256": file_sha256(prompt_path),
                               "source": {k: meta_p.get(k) for k in ("method", "dataset", "shots", "seed", "subset_hash")}}
     theta0, _, _ = meta
@@ -552,12 +546,6 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
     domains); writes `out`.
     `profile` names the profile `prof` is (for messages; default the file's `profile:`); `views_cache`, a
     directory where the view features of a (split, seed) are kept for the other methods' jobs."""
-    from gram.backbone import load
-    from gram.data import dataset_domains, split_images
-    from gram.evaluate import scores
-    from gram.io import write_json
-    from gram.tune import make_learner
-
     cfg, profile = prof.tpt, profile or params.profile
     if method not in cfg.methods:
         raise KeyError(f"test-time method {method!r} is not defined in {profile}.tpt.methods "
@@ -582,11 +570,8 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
     meta = regulator = context = None
     meta_info = None
     if needs_meta:
-        from gram.embed import file_sha256
-        from gram.meta import load_meta, load_structure
-
         meta = load_meta(meta_dir, learner)
-        meta_info = {"recipe": meta[2]["recipe"], "sha256": file_sha256(Path(meta_dir) / "meta.safetensors")}
+        meta_info = {"recipe": meta[2]["recipe"], "sha256": file_sha256(Path(meta_dir) / META)}
         if m.regulator != "none":
             regulator = meta[1].to(bb.device).requires_grad_(False)
         if m.regulator == "structure":
@@ -597,8 +582,6 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
     tuner = TestTimeTuner(learner, ctx0, cfg, regulator, context)
     augment = "augmix" if dataset in cfg.augmix else cfg.augment
     if views_cache is not None:
-        from gram.embed import backbone_fingerprint
-
         fp = backbone_fingerprint(backbone_dir)
     domains = []
     for domain in wanted:  # a domain with a class subset (ImageNet-A/-R) is tuned and scored among it
@@ -635,8 +618,6 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("tpt", __doc__)
     p.add_argument("--dataset", required=True, help="dataset whose split of every tpt.domains is tuned on")
     p.add_argument("--method", required=True, help="test-time method (a key of <profile>.tpt.methods)")

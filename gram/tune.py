@@ -12,9 +12,9 @@ scores per target, the protocol's summary, the method's config, the subset hash 
   `grid.transfer` and scores it on the other datasets / domains.
 
 Building blocks:
-- `few_shot(keys, labels, k, seed, tag)`: k training items per class, chosen by a seeded hash of
-  each item's key, so the subset depends only on (dataset, k, seed) and not on file order; its
-  hash is recorded with every result.
+- `gram.data.fewshot.few_shot(keys, labels, k, seed, tag)`: k training items per class, chosen by a
+  seeded hash of each item's key, so the subset depends only on (dataset, k, seed) and not on file
+  order; its hash is recorded with every result.
 - `tune(learner, pixels, labels, names, ...)`: cross-entropy of the learner's logits; Adam or SGD
   with momentum under a cosine schedule. Image features are computed once when θ has no visual
   part and text features once when it has no text part.
@@ -27,7 +27,6 @@ Building blocks:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,25 +38,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gram.backbone import load
 from gram.config import MethodParams, to_dict
+from gram.data.datasets import load_dataset, split_images, split_index
+from gram.data.fewshot import few_shot
 from gram.evaluate import PROTOCOLS, NotApplicable, score_protocol
+from gram.images import preprocess
+from gram.io import file_sha256, write_json
+from gram.prompts import make_learner
+from gram.prompts.encoders import encode_image_prompted, normalize
+from gram.regulator import META, load_meta
+from gram.stage import stage_parser, stage_setup
+from gram.tensorio import load_prompt, save_prompt
 
 log = logging.getLogger("gram.tune")
-
-
-def few_shot(keys: list[str], labels: np.ndarray, k: int, seed: int, tag: str) -> tuple[np.ndarray, str]:
-    """Indices of k items per class (all of a class with fewer than k) and the subset's hash."""
-    def rank(key: str) -> str:
-        return hashlib.sha256(f"{tag}:{k}:{seed}:{key}".encode()).hexdigest()
-
-    chosen = []
-    for c in np.unique(labels):
-        members = [i for i in np.flatnonzero(labels == c)]
-        members.sort(key=lambda i: rank(keys[i]))
-        chosen += members[:k]
-    chosen = np.array(sorted(chosen), dtype=np.int64)
-    digest = hashlib.sha256("\n".join(sorted(keys[i] for i in chosen)).encode()).hexdigest()[:16]
-    return chosen, digest
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: float = 1.0e-5) -> float:
@@ -125,8 +119,6 @@ def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], 
 @torch.no_grad()
 def frozen_features(learner, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised image features [N, E] of the frozen backbone (no visual prompts)."""
-    from gram.prompts.encoders import encode_image_prompted, normalize
-
     bb = learner.backbone
     return torch.cat([normalize(encode_image_prompted(bb.model, pixels[i:i + batch_size].to(bb.device, bb.dtype),
                                                       None)) for i in range(0, len(pixels), batch_size)])
@@ -148,22 +140,6 @@ def predict(learner, pixels: torch.Tensor, names: list[str], batch_size: int = 2
 def is_gram(m: MethodParams) -> bool:
     """A GRAM method: it starts from the meta-learned θ, or regulates its gradients with ψ_φ, or both."""
     return m.meta_init or m.meta_regulator
-
-
-def make_learner(bb, m: MethodParams, n_classes: int, seed: int):
-    """The prompt learner of method config `m` (None for the linear probe)."""
-    from gram.prompts import VPT, CoOp, Joint
-
-    gen = torch.Generator().manual_seed(seed)
-    if m.kind == "coop":
-        return CoOp(bb, init=m.init, n_ctx=m.n_ctx, class_specific=m.class_specific, n_classes=n_classes,
-                    generator=gen)
-    if m.kind == "vpt":
-        return VPT(bb, n_tokens=m.n_tokens, deep=m.deep, generator=gen)
-    if m.kind == "joint":
-        return Joint(bb, init=m.init, n_ctx=m.n_ctx, n_tokens=m.n_tokens, deep=m.deep, coupled=m.coupled,
-                     generator=gen)
-    return None
 
 
 class LinearProbe:
@@ -208,8 +184,6 @@ class Tuned:
         self.learner, self.dataset, self.class_ids, self.batch_size = learner, dataset, list(class_ids), batch_size
 
     def predict(self, images: np.ndarray, dataset: str, class_ids: list[int], names: list[str]) -> np.ndarray:
-        from gram.backbone import preprocess
-
         if getattr(self.learner, "class_specific", False) and (dataset != self.dataset or class_ids != self.class_ids):
             raise NotApplicable("class-specific context exists only for the classes it was tuned on")
         if len(images) == 0:
@@ -224,40 +198,12 @@ class Tuned:
 
 
 # ------------------------------------------------------------------------------------------------
-# prompts on disk
-# ------------------------------------------------------------------------------------------------
-def save_prompt(path: str | Path, theta: dict[str, torch.Tensor], meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    from gram.io import atomic_path
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in theta.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"gram": json.dumps(meta, sort_keys=True)})
-
-
-def load_prompt(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no tuned prompt here (the few-shot job of grid.transfer writes it)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("gram", "{}"))
-        theta = {k: f.get_tensor(k) for k in f.keys()}
-    return theta, meta
-
-
-# ------------------------------------------------------------------------------------------------
 # one run
 # ------------------------------------------------------------------------------------------------
 def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int, data_dir: Path,
         class_ids: list[int], meta_dir: str | Path | None = None) -> tuple[object, dict]:
     """Tune method `m` on `shots` per class of `class_ids` (train split, domain `pc.domain`); a GRAM
     method (meta_init / meta_regulator) takes θ and ψ_φ from the meta-train output `meta_dir`."""
-    from gram.backbone import preprocess
-    from gram.data import split_images, split_index
-
     index = split_index(data_dir, dataset, pc.domain, "train")  # nothing decoded: ImageNet's train split is large
     pos = {c: i for i, c in enumerate(class_ids)}
     rows = [i for i, lab in enumerate(index.labels) if int(lab) in pos]
@@ -279,16 +225,12 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
         learner = make_learner(bb, m, len(class_ids), seed)
         regulator = None
         if is_gram(m):
-            from gram.meta import load_meta
-
             theta0, regs, mm = load_meta(meta_dir, learner)
             if m.meta_init:
                 learner.load_state_dict({k: v.to(bb.device) for k, v in theta0.items()})
             if m.meta_regulator:
                 regulator = regs.to(bb.device)
-            from gram.embed import file_sha256
-
-            meta_info = {"recipe": mm["recipe"], "sha256": file_sha256(Path(meta_dir) / "meta.safetensors"),
+            meta_info = {"recipe": mm["recipe"], "sha256": file_sha256(Path(meta_dir) / META),
                          "init": m.meta_init, "regulator": m.meta_regulator}
         losses = tune(learner, preprocess(images, bb.spec), torch.as_tensor(labels), names, m.steps,
                       m.lr, m.batch_size, m.optimizer, seed=seed, progress=True, regulator=regulator)
@@ -323,10 +265,6 @@ def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed
         backbone_dir: str | Path, out: str | Path, save: str | Path | None = None,
         load_from: str | Path | None = None, meta_dir: str | Path | None = None) -> dict:
     """One (protocol, dataset, method, shots, seed) run; writes the record to `out`."""
-    from gram.backbone import load
-    from gram.data import load_dataset
-    from gram.io import write_json
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r} (one of {', '.join(PROTOCOLS)})")
     if method not in prof.methods:
@@ -376,8 +314,6 @@ def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     p = stage_parser("tune", __doc__)
     p.add_argument("--protocol", required=True, choices=PROTOCOLS, help="evaluation protocol")
     p.add_argument("--dataset", required=True, help="source dataset (a key of data.datasets)")

@@ -11,6 +11,7 @@ import torch
 
 from gram import backbone as B
 from gram import config as C
+from gram.images import ImageSpec, image_spec, preprocess
 
 
 def test_tokenizer_special_ids_and_padding(tiny_clip_dir):
@@ -47,8 +48,8 @@ def test_preprocess_matches_the_image_processor(tiny_clip_dir):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     imgs[:, 16:48, 16:48] = [200, 40, 40]  # structure, not only noise
-    spec = B.image_spec(tiny_clip_dir)
-    ours = B.preprocess(imgs, spec)
+    spec = image_spec(tiny_clip_dir)
+    ours = preprocess(imgs, spec)
     ref = CLIPImageProcessorPil.from_pretrained(tiny_clip_dir)(list(imgs), return_tensors="pt")["pixel_values"]
     assert ours.shape == ref.shape == (3, 3, 32, 32)
     # PIL's and torch's antialiased bicubic kernels differ slightly at the same size: < 3/255 in
@@ -58,10 +59,10 @@ def test_preprocess_matches_the_image_processor(tiny_clip_dir):
 
 
 def test_preprocess_resizes_shortest_side_and_centre_crops():
-    spec = B.ImageSpec(size=8, crop=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    spec = ImageSpec(size=8, crop=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     img = np.zeros((1, 16, 32, 3), np.uint8)
     img[:, :, 8:24] = 255  # the central half is white
-    x = B.preprocess(img, spec)
+    x = preprocess(img, spec)
     assert x.shape == (1, 3, 8, 8)
     # the crop keeps the white half; only the bicubic kernel at its border sees the black quarters
     torch.testing.assert_close(x[..., 1:-1], torch.ones_like(x[..., 1:-1]), atol=1e-3, rtol=0)
@@ -88,7 +89,7 @@ def test_encode_images_is_the_tower_on_preprocessed_pixels(tiny_clip_dir):
     bb = B.load(tiny_clip_dir, "cpu")
     imgs = np.random.default_rng(2).integers(0, 256, (5, 48, 64, 3), dtype=np.uint8)
     with torch.no_grad():  # batch by batch: a GEMM's rounding depends on its row count
-        ref = torch.cat([bb.model.get_image_features(pixel_values=B.preprocess(imgs[i:i + 2], bb.spec)).pooler_output
+        ref = torch.cat([bb.model.get_image_features(pixel_values=preprocess(imgs[i:i + 2], bb.spec)).pooler_output
                          for i in (0, 2, 4)])
     torch.testing.assert_close(bb.encode_images(imgs, batch_size=2), torch.nn.functional.normalize(ref, dim=-1),
                                rtol=0, atol=0)

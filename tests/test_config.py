@@ -67,7 +67,7 @@ def test_out_of_range_names_key(tmp_path, raw):
 
 def test_literal_values(tmp_path, raw):
     raw["profile"] = "laptop"
-    with pytest.raises(C.ConfigError, match=r"`profile` must be one of 'emoji', 'paper', 'tiny'"):
+    with pytest.raises(C.ConfigError, match=r"`profile` must be one of 'emoji', 'demo', 'paper', 'tiny'"):
         C.load(write(tmp_path, raw))
 
 
@@ -135,3 +135,66 @@ def test_grid_and_protocols_are_checked(tmp_path, edit, message):
     with pytest.raises(C.ConfigError, match=message) as e:
         C.load(path)
     assert str(path) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# sections check themselves when built in code (Section.__post_init__), not only when loaded
+
+
+@pytest.fixture(scope="module")
+def tiny() -> C.ProfileParams:
+    return C.load(ROOT / "params.yaml", "tiny")[1]
+
+
+@pytest.mark.parametrize("section, change, message", [
+    (lambda p: p.meta["joint"], {"lr": -1}, r"MetaParams: `lr` = -1\.0 is below its minimum 0\.0"),
+    (lambda p: p.meta["joint"], {"steps": "many"}, r"MetaParams: `steps` must be int, got 'many'"),
+    (lambda p: p.methods["coop"], {"optimizer": "lbfgs"}, r"MethodParams: `optimizer` must be one of 'adam', 'sgd'"),
+    (lambda p: p.data.split, {"train": True}, r"SplitParams: `train` must be float, got True"),
+    (lambda p: p.cluster, {"ablations": ["image", "pixels"]}, r"`ablations\[1\]` must be one of"),
+    (lambda p: p.backbone, {"pretrain": {"steps": 3}}, r"`pretrain` must be mapping"),
+    (lambda p: p.tpt, {"keep": 0.001}, r"TptParams: keep = 0\.001 of views = \d+ keeps no view"),
+    (lambda p: p.data.split, {"train": 0.7, "val": 0.3}, r"SplitParams: train \+ val = 1\.0 leaves no test split"),
+    (lambda p: p.meta["joint"], {"reg_lambda": 1.0, "regulator": C.RegulatorParams(form="gate")},
+     r"MetaParams: reg_lambda > 0 needs regulator.form: mix"),
+])
+def test_a_section_built_in_code_is_checked(tiny, section, change, message):
+    """dataclasses.replace constructs the section anew: a bad value fails there, naming the field."""
+    import dataclasses
+
+    with pytest.raises(C.ConfigError, match=message) as e:
+        dataclasses.replace(section(tiny), **change)
+    assert e.value.key is not None and e.value.detail
+
+
+def test_a_section_built_in_code_takes_what_the_file_takes(tiny):
+    import dataclasses
+
+    m = dataclasses.replace(tiny.meta["joint"], lr=1, steps=3)
+    assert m.lr == 1.0 and type(m.lr) is float and m.steps == 3  # an int is a float, as in the file
+    assert C.RegulatorParams() == C.section_from_dict(C.RegulatorParams, {}, "<test>")
+
+
+def test_the_loader_names_file_and_full_key_of_a_section_error(tmp_path, raw):
+    """The section raises with the key relative to itself; the loader adds the file and the dotted path."""
+    raw["tiny"]["meta"]["joint"]["regulator"] = {"form": "mix", "gate_context": True}
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: `tiny\.meta\.joint\.regulator`: gate_context applies"):
+        C.load(write(tmp_path, raw))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tiny"]["methods"]["coop"]["steps"] = -2
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: `tiny\.methods\.coop\.steps` = -2 is below its minimum 0"):
+        C.load(write(tmp_path, raw))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["grid"]["gram"] = [{"method": "coop", "meta": 3}]
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: `grid\.gram\[0\]\.meta` must be str, got 3"):
+        C.load(write(tmp_path, raw))
+
+
+def test_cross_section_checks_stay_in_the_loader(tiny):
+    """A profile naming a dataset another section lacks is a whole-file matter: constructing it is allowed."""
+    import dataclasses
+
+    odd = dataclasses.replace(tiny, evaluate=dataclasses.replace(tiny.evaluate, datasets=["nope"]))
+    assert odd.evaluate.datasets == ["nope"]
+    with pytest.raises(C.ConfigError, match=r"`tiny`: evaluate.datasets names \['nope'\]"):
+        C.section_from_dict(C.ProfileParams, C.to_dict(odd), "<test>", "tiny")

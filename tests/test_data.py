@@ -14,7 +14,8 @@ import pytest
 import fake_npm
 from conftest import ROOT
 from gram import config as C
-from gram.data import emoji, load_dataset, split_images
+from gram.data import emoji
+from gram.data.datasets import load_dataset, split_images
 from gram.data.shards import iter_samples, load_images, shard_paths
 
 

@@ -79,7 +79,7 @@ def test_bad_inputs_fail_clearly(tmp_path, tiny_clip_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no config or weights"):
-        E.backbone_fingerprint(empty)
+        B.backbone_fingerprint(empty)
 
 
 def test_shards_with_one_name_are_refused(tmp_path, tiny_data, tiny_clip_dir):

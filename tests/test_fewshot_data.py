@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from gram import cli
-from gram.backbone import ImageSpec, preprocess
 from gram.data.fewshot import SPECS, DatasetMissing, Listing, decode, few_shot_listing, read
+from gram.images import ImageSpec, preprocess
 
 IMAGENET = [("n01440764", "tench"), ("n01443537", "goldfish"), ("n01484850", "great white shark"),
             ("n01491361", "tiger shark")]

@@ -14,8 +14,10 @@ from conftest import ROOT, params_with
 from gram import cli
 from gram import config as C
 from gram import meta as M
+from gram import regulator as R
 from gram.backbone import load
-from gram.tune import frozen_features, make_learner, tune
+from gram.prompts import make_learner
+from gram.tune import frozen_features, tune
 
 PARAMS = str(ROOT / "params.yaml")
 CAPTIONS = ["bright smiling circle face", "calm affection square", "round smiling circle", "tall affection square",
@@ -36,7 +38,7 @@ def tiny_learner(clip_dir, kind: str, dtype=torch.float64, seed: int = 0, **cfg_
     torch.manual_seed(seed)
     learner = make_learner(bb, prompt, 0, seed).to(dtype)
     e = bb.model.config.projection_dim
-    regs = M.make_regulators(dict(learner.named_parameters()), cfg.regulator, e).to(dtype)
+    regs = R.make_regulators(dict(learner.named_parameters()), cfg.regulator, e).to(dtype)
     with torch.no_grad():  # move φ off its near-identity start so every part of ψ matters
         for p in regs.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=dtype))
@@ -190,13 +192,13 @@ def test_meta_stage_writes_theta_phi_history_and_validation(metaworld, tiny_para
     assert not (out.parent / ".coop.ckpt").exists()  # checkpoints go once the output is published
     bb = load(metaworld["backbone"], "cpu", "float32")
     learner = make_learner(bb, cfg.prompt, 0, 0)
-    theta, regs, meta = M.load_meta(out, learner)
+    theta, regs, meta = R.load_meta(out, learner)
     assert {n: list(v.shape) for n, v in theta.items()} == info["theta"]
     assert not any(torch.equal(theta[n], p) for n, p in learner.named_parameters())  # θ moved
     assert meta["recipe"] == "coop" and not any(p.requires_grad for p in regs.parameters())
     vpt = make_learner(bb, C.MethodParams(kind="vpt", n_tokens=2), 0, 0)
     with pytest.raises(ValueError, match="meta.safetensors: meta-learned θ has tensors"):
-        M.load_meta(out, vpt)
+        R.load_meta(out, vpt)
 
 
 def test_same_cluster_task_variant(metaworld):

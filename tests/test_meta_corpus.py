@@ -1,4 +1,4 @@
-"""The meta-training corpus (gram/meta.py: load_corpus, LazyPixels): the lazily decoded pixels and the frozen
+"""The meta-training corpus (gram/meta.py: load_corpus; gram/data/corpus.py: LazyPixels): the lazily decoded pixels and the frozen
 features equal the eager computation the stage used to hold in memory, rows no task uses are never read, a
 shard given by address (pipe:) reads the same, and a meta-training run is bit-identical with either corpus."""
 
@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from gram import meta as M
-from gram.backbone import load, preprocess
-from gram.data.shards import ShardError, decode_rgb, shard_paths, write_shards
-from gram.embed import read_shard
+from gram.backbone import load
+from gram.data import corpus as CO
+from gram.data.shards import ShardError, ShardPairs, decode_rgb, shard_paths, write_shards
+from gram.images import preprocess
 from gram.prompts.encoders import encode_image_prompted, normalize
 from gram.tensorio import load_tensors
 from test_meta import stage
@@ -31,7 +32,7 @@ def eager_corpus(bb, data_dir, keys: list[str], rows, batch_size: int = 256) -> 
     captions, raw, wanted = [""] * len(keys), {}, set(int(r) for r in rows)
     for d in sorted({k.split("/", 1)[0] for k in keys}):
         for path in shard_paths(Path(data_dir) / "shards" / d):
-            for key, data, caption in read_shard(path):
+            for key, data, caption in ShardPairs(path):
                 i = where.get(f"{d}/{key}")
                 if i is not None:
                     captions[i] = caption
@@ -88,7 +89,7 @@ def test_lazy_pixels_and_frozen_equal_the_eager_corpus(world):
     rows = some_rows(len(keys), 0)
     lazy = M.load_corpus(bb, world["data"], keys, rows, batch_size=7)
     ref = eager_corpus(bb, world["data"], keys, rows, batch_size=7)
-    assert isinstance(lazy.pixels, M.LazyPixels) and lazy.pixels.shape == tuple(ref.pixels.shape)
+    assert isinstance(lazy.pixels, CO.LazyPixels) and lazy.pixels.shape == tuple(ref.pixels.shape)
     assert torch.equal(lazy.frozen, ref.frozen) and lazy.frozen[rows].abs().sum(1).min() > 0
     assert [lazy.captions[r] for r in rows] == [ref.captions[r] for r in rows]
     assert all(c == "" for i, c in enumerate(lazy.captions) if i not in set(rows))  # rows no task uses: unread
@@ -111,10 +112,10 @@ def test_rows_no_task_uses_are_never_read(world, monkeypatch):
     keys, bb = world["keys"], world["bb"]
     rows = some_rows(len(keys), 2)
     reads: list[tuple[str, int]] = []
-    read = M.read_member
-    monkeypatch.setattr(M, "read_member", lambda path, offset, size: (reads.append((path, offset)),
+    read = CO.read_member
+    monkeypatch.setattr(CO, "read_member", lambda path, offset, size: (reads.append((path, offset)),
                                                                       read(path, offset, size))[1])
-    monkeypatch.setattr("gram.embed.read_shard", lambda url: pytest.fail(f"{url}: a local shard was streamed"))
+    monkeypatch.setattr(CO, "ShardPairs", lambda url: pytest.fail(f"{url}: a local shard was streamed"))
     corpus = M.load_corpus(bb, world["data"], keys, rows)
     owner = member_keys(world["data"])
     used = {keys[r] for r in rows}
@@ -218,8 +219,8 @@ def test_meta_training_is_bit_identical_with_the_eager_corpus(world, tiny_params
     validate = M.MetaLearner.validate  # on 4 of the held-out tasks: the run is the same, and 10 times shorter
     monkeypatch.setattr(M.MetaLearner, "validate", lambda self, tasks, ids: validate(self, tasks, ids[:4]))
     reads = []
-    read = M.read_member
-    monkeypatch.setattr(M, "read_member", lambda path, offset, size: (reads.append((path, offset)),
+    read = CO.read_member
+    monkeypatch.setattr(CO, "read_member", lambda path, offset, size: (reads.append((path, offset)),
                                                                       read(path, offset, size))[1])
     lazy = M.run(prof, recipe, *args, tmp_path / "lazy", progress=False)
     owner = member_keys(world["data"])

@@ -18,7 +18,8 @@ import torch
 
 from conftest import ROOT, params_with
 from gram import config as C
-from gram.data import fewshot, paper, split_images, split_index
+from gram.data import fewshot, paper
+from gram.data.datasets import split_images, split_index
 from test_fewshot_data import IMAGENET, SUBSETS, build
 
 SHIFTS = ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
@@ -46,7 +47,7 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def test_descriptions_and_listings(prepared):
-    from gram.data import load_dataset
+    from gram.data.datasets import load_dataset
 
     inet = load_dataset(prepared, "imagenet")
     assert inet["classes"] == [n for _, n in IMAGENET] and inet["domains"] == ["default", *SHIFTS]
@@ -189,7 +190,7 @@ def test_paper_path_pixels_match_clips_image_processor(tmp_path):
     from PIL import Image
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from gram.backbone import image_spec, preprocess
+    from gram.images import image_spec, preprocess
 
     CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
                           image_mean=[0.48145466, 0.4578275, 0.40821073],
@@ -219,8 +220,8 @@ def test_paper_path_pixels_match_clips_image_processor(tmp_path):
 def test_decoded_mb_is_the_largest_test_split_and_the_shots(prepared, tiny_clip_dir, tmp_path):
     """What a SLURM job's mem_mb adds for its images: the largest test split of any domain of the
     job's datasets plus the shots of the first, at the backbone's decoded side, 3 bytes a pixel."""
-    from gram.backbone import image_spec
-    from gram.data import decoded_mb, load_dataset
+    from gram.data.datasets import decoded_mb, load_dataset
+    from gram.images import image_spec
 
     side = image_spec(tiny_clip_dir).size
     inet = load_dataset(prepared, "imagenet")["splits"]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gram import backbone as B
+from gram.images import image_spec, preprocess
 from gram.prompts import VPT, CoOp, Joint
 
 NAMES = ["circle", "happy ring", "calm square", "bright star"]
@@ -27,7 +28,7 @@ def bb(request, tiny_clip_dir):
 @pytest.fixture(scope="module")
 def pixels(tiny_clip_dir):
     imgs = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
-    return B.preprocess(imgs, B.image_spec(tiny_clip_dir))
+    return preprocess(imgs, image_spec(tiny_clip_dir))
 
 
 def reference_text(bb, texts):

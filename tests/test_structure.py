@@ -65,7 +65,7 @@ def test_an_interrupted_embed_stage_resumes_with_the_same_result(tmp_path, world
     out = tmp_path / "embed"
     n_shards = len(shard_paths(world["data"] / "shards" / "facebook"))
     assert n_shards >= 2
-    real = E.read_shard
+    real = E.ShardPairs
     calls = []
 
     def dies_on_the_second_shard(path):
@@ -74,13 +74,13 @@ def test_an_interrupted_embed_stage_resumes_with_the_same_result(tmp_path, world
             raise KeyboardInterrupt  # as if the job were killed while decoding shard 2
         return real(path)
 
-    monkeypatch.setattr(E, "read_shard", dies_on_the_second_shard)
+    monkeypatch.setattr(E, "ShardPairs", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         E.run(prof.embed, prof.backbone, ["facebook"], world["data"], world["backbone"], out)
     assert not out.exists()  # nothing half-published
     cache = tmp_path / ".embed.cache" / "facebook"
     assert [p.name for p in cache.glob("*.safetensors")] == ["00000.safetensors"]
-    monkeypatch.setattr(E, "read_shard", real)
+    monkeypatch.setattr(E, "ShardPairs", real)
     rec = E.run(prof.embed, prof.backbone, ["facebook"], world["data"], world["backbone"], out)
     assert rec["domains"]["facebook"]["kept"] == 1 and rec["domains"]["facebook"]["computed"] == n_shards - 1
     for f in sorted((world["embed"] / "facebook").glob("*.safetensors")):  # same bytes as an uninterrupted run

@@ -15,9 +15,10 @@ from conftest import ROOT, params_with
 from gram import cli
 from gram import config as C
 from gram import tpt as T
-from gram.backbone import load, preprocess
+from gram.backbone import load
+from gram.images import preprocess
+from gram.prompts import make_learner
 from gram.regulator import Regulators, StructureContext
-from gram.tune import make_learner
 
 PARAMS = str(ROOT / "params.yaml")
 NAMES = [e["label"] for e in fake_npm.EMOJIS][:6] + ["circle", "tall affection square big calm"]
@@ -291,7 +292,7 @@ def test_view_features_cache_gives_the_same_run(tptworld, tmp_path):
 
 def test_tpt_without_steps_predicts_with_the_initial_prompt(tptworld, tiny_params):
     """steps: 0 leaves the prompt as it is: the before and after predictions are those of zero-shot."""
-    from gram.data import split_images
+    from gram.data.datasets import split_images
 
     bb = load(tptworld["backbone"], "cpu", "float32")
     learner = make_learner(bb, C.MethodParams(kind="coop", init="a {} emoji"), 0, 0)

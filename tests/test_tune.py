@@ -6,9 +6,11 @@ import numpy as np
 import torch
 
 from gram import backbone as B
-from gram.data import split_images
+from gram.data.datasets import split_images
+from gram.data.fewshot import few_shot
+from gram.images import preprocess
 from gram.prompts import VPT, CoOp
-from gram.tune import few_shot, predict, tune
+from gram.tune import predict, tune
 
 
 def test_few_shot_subset_depends_only_on_dataset_k_seed():
@@ -27,7 +29,7 @@ def test_few_shot_subset_depends_only_on_dataset_k_seed():
 def test_tuning_fits_the_support_set(tiny_data, tiny_trained_dir):
     bb = B.load(tiny_trained_dir, "cpu")
     sp = split_images(tiny_data, "subgroup", "apple", "train")  # the held-out vendor
-    px = B.preprocess(sp.images, bb.spec)
+    px = preprocess(sp.images, bb.spec)
     labels = torch.as_tensor(sp.labels)
     for learner, lr in [(CoOp(bb, init=None, n_ctx=4, generator=torch.Generator().manual_seed(0)), 0.002),
                       (VPT(bb, n_tokens=2, generator=torch.Generator().manual_seed(0)), 0.01)]:
@@ -49,8 +51,9 @@ import pytest  # noqa: E402
 
 from gram import config as C  # noqa: E402
 from gram import tune as T  # noqa: E402
-from gram.data import load_dataset  # noqa: E402
+from gram.data.datasets import load_dataset  # noqa: E402
 from gram.evaluate import ZeroShot, harmonic_mean, score_protocol  # noqa: E402
+from gram.tensorio import load_prompt  # noqa: E402
 
 
 def with_method(prof, name: str, **changes):
@@ -89,9 +92,7 @@ def test_few_shot_run_is_deterministic_and_transfers(tmp_path, tiny_params, tiny
     cross = T.run(params, prof, "cross-dataset", "subgroup16", "coop", 2, 1, out=tmp_path / "x.json",
                   load_from=tmp_path / "coop.safetensors", **args)
     assert [r["target"] for r in cross["results"]] == list(prof.protocols.cross_dataset)
-    from gram.data import split_images
-
-    theta, meta = T.load_prompt(tmp_path / "coop.safetensors")
+    theta, meta = load_prompt(tmp_path / "coop.safetensors")
     shots = set(meta["train_keys"])
     for r in cross["results"]:
         test = split_images(tiny_data, r["target"], prof.protocols.domain, "test")

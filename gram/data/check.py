@@ -13,6 +13,8 @@ The exit status is 0 only when every requested dataset is present and well-forme
 from __future__ import annotations
 
 from gram.data.fewshot import SPECS, DatasetMissing, decode, read
+from gram.io import setup_logging, write_json
+from gram.stage import stage_parser
 
 SPLITS = ("train", "val", "test")
 DECODE_SIZE = 32  # decoding only proves the file is readable; keep the resize cheap
@@ -50,9 +52,6 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser
-    from gram.io import setup_logging, write_json
-
     p = stage_parser("check-data", __doc__)
     p.add_argument("--root", required=True, help="folder holding the dataset folders (CoOp's $DATA)")
     p.add_argument("--datasets", default=",".join(SPECS), help="comma-separated names (default: all)")

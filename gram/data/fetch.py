@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from gram.data.fewshot import SPECS, read
+from gram.io import setup_logging, write_json
+from gram.stage import stage_parser
 
 log = logging.getLogger("gram")
 
@@ -686,9 +688,6 @@ def fetch(root: str | Path, name: str, downloads: str | Path | None = None, dry_
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser
-    from gram.io import setup_logging, write_json
-
     p = stage_parser("fetch-data", __doc__)
     p.add_argument("--root", required=True, help="folder holding the dataset folders (CoOp's $DATA)")
     p.add_argument("--dataset", required=True, choices=list(SOURCES), metavar="NAME",

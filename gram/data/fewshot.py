@@ -37,12 +37,18 @@ a dataset whose folder is absent raises `DatasetMissing`.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from gram.data import Split
+from gram.data.shards import decode_rgb
+from gram.images import ImageSpec, preprocess
+from gram.io import job_threads
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}  # what a class folder may hold (compared lower-case)
 
@@ -274,10 +280,26 @@ def _check_present(image_dir: Path, paths: list[str], source: str) -> None:
             raise FileNotFoundError(f"{image_dir / p}: listed in {source} (item {i}) but absent")
 
 
-def few_shot_listing(listing: Listing, k: int, seed: int) -> tuple[Listing, str]:
-    """k items per class chosen by `gram.tune.few_shot` (tag = the dataset), and the subset's hash."""
-    from gram.tune import few_shot
+def few_shot(keys: list[str], labels: np.ndarray, k: int, seed: int, tag: str) -> tuple[np.ndarray, str]:
+    """Indices of k items per class (all of a class with fewer than k) and the subset's hash.
 
+    Items are ranked by a seeded hash of their key (`tag` names the dataset), so the subset depends only
+    on (dataset, k, seed) and not on file order; every result records the hash. Used for both profiles."""
+    def rank(key: str) -> str:
+        return hashlib.sha256(f"{tag}:{k}:{seed}:{key}".encode()).hexdigest()
+
+    chosen = []
+    for c in np.unique(labels):
+        members = [i for i in np.flatnonzero(labels == c)]
+        members.sort(key=lambda i: rank(keys[i]))
+        chosen += members[:k]
+    chosen = np.array(sorted(chosen), dtype=np.int64)
+    digest = hashlib.sha256("\n".join(sorted(keys[i] for i in chosen)).encode()).hexdigest()[:16]
+    return chosen, digest
+
+
+def few_shot_listing(listing: Listing, k: int, seed: int) -> tuple[Listing, str]:
+    """k items per class chosen by `few_shot` (tag = the dataset), and the subset's hash."""
     idx, digest = few_shot(listing.keys, listing.labels, k, seed, listing.dataset)
     return listing.subset(idx), digest
 
@@ -287,17 +309,12 @@ PROCESS_MIN_IMAGES = 256  # fewer images than this are decoded in the calling pr
 
 def usable_cpus() -> int:
     """CPUs this job may use (its `threads` under Snakemake, a SLURM allocation; gram.io.job_threads)."""
-    from gram.io import job_threads
-
     return job_threads()
 
 
 def _decode_one(path: Path, key: str, source: str, size: int) -> np.ndarray:
     """One listed image -> [size, size, 3] uint8 with the backbone's geometry (not normalised)."""
     import torch
-
-    from gram.backbone import ImageSpec, preprocess
-    from gram.data.shards import decode_rgb
 
     try:
         data = path.read_bytes()
@@ -365,7 +382,7 @@ def decode(listing: Listing, size: int, indices=None, workers: int | None = None
     Args:
         listing: what to decode.
         size: output side; shortest side resized to it (bicubic, antialiased), then centre-cropped,
-            i.e. `gram.backbone.preprocess` without normalisation.
+            i.e. `gram.images.preprocess` without normalisation.
         indices: items of the listing to decode (default: all).
         workers: decoding processes (default: the usable CPUs, at most 16).
         domain: the `Split.domain` to record.
@@ -378,8 +395,6 @@ def decode(listing: Listing, size: int, indices=None, workers: int | None = None
     from concurrent.futures.process import BrokenProcessPool
 
     from tqdm import tqdm
-
-    from gram.data import Split
 
     sub = listing if indices is None else listing.subset(indices)
     n, keys = len(sub), sub.keys

@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 from gram.config import Img2DatasetParams
+from gram.io import read_json, write_json
+from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.data.img2dataset")
 
@@ -135,8 +137,6 @@ def run(cfg: Img2DatasetParams) -> dict:
     """
     from importlib.metadata import version
 
-    from gram.io import read_json, write_json
-
     _check_table(cfg)
     i2d = _img2dataset()
     output = Path(cfg.output)
@@ -187,8 +187,6 @@ def run(cfg: Img2DatasetParams) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gram.cli import stage_parser, stage_setup
-
     args = stage_parser("img2dataset", __doc__).parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.data.paper.img2dataset)

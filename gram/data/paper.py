@@ -14,7 +14,7 @@
      pattern, folder or URL; or the opt-in img2dataset output) to a manifest
      `shards/<domain>.json` that every later stage reads (`gram.data.shards.corpus_shards`);
   4. writes `download.json` (counts, fetch records, corpus size).
-Later stages decode images from the listings (`gram.data.split_images`), so the data root must be
+Later stages decode images from the listings (`gram.data.datasets.split_images`), so the data root must be
 readable where they run. A shift's labels are mapped into its dataset's label space through
 `Listing.imagenet_index`; a shift holding a subset of the classes records it (`class_subsets`).
 """
@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from gram.config import DataParams
+from gram.data import fetch
 from gram.data.fewshot import SPECS, DatasetMissing, Listing, read
+from gram.data.shards import expand_shards, is_local, local_path
 from gram.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger("gram.data.paper")
@@ -124,8 +126,6 @@ def ensure_present(cfg: DataParams, names: list[str]) -> dict[str, dict]:
             manual.append(f"{name}: {missing}\n  (data.paper.fetch is off; `gram fetch-data --root {root} "
                           f"--dataset {name}` fetches it where a public source exists)")
             continue
-        from gram.data import fetch
-
         try:
             records[name] = fetch.fetch(root, name)
         except fetch.ManualStep as e:
@@ -138,8 +138,6 @@ def ensure_present(cfg: DataParams, names: list[str]) -> dict[str, dict]:
 
 def corpus_manifest(domain: str, spec) -> dict:
     """The resolved shard list of one corpus domain; a local shard that is absent is an error naming it."""
-    from gram.data.shards import expand_shards, is_local, local_path
-
     shards = []
     for url in expand_shards(spec):
         entry = {"url": url}

@@ -12,8 +12,9 @@ its parameter tree), so `dict(learner.named_parameters())` *is* θ and
 
 The encoders in `gram.prompts.encoders` reproduce `get_text_features` / `get_image_features`
 exactly when the prompts are the words of a template (text) or absent (visual); tests check it.
+`make_learner(bb, method_params, ...)` builds the learner a method config names (tune, tpt and meta).
 """
 
-from gram.prompts.learners import CoOp, Joint, PromptLearner, VPT
+from gram.prompts.learners import VPT, CoOp, Joint, PromptLearner, make_learner
 
-__all__ = ["CoOp", "Joint", "PromptLearner", "VPT"]
+__all__ = ["CoOp", "Joint", "PromptLearner", "VPT", "make_learner"]

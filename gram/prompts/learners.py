@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn as nn
 
+from gram.config import MethodParams
 from gram.prompts.encoders import encode_image_prompted, encode_text_embeds, normalize
 
 
@@ -209,3 +210,17 @@ class Joint(CoOp):
             shift = theta["ctx"].mean(0) @ theta["couple"]  # [D_text] @ [D_text, D_vis] -> [D_vis]
             tokens = tokens + shift
         return tokens, self.deep
+
+
+def make_learner(bb, m: MethodParams, n_classes: int, seed: int):
+    """The prompt learner of method config `m` (None for the linear probe)."""
+    gen = torch.Generator().manual_seed(seed)
+    if m.kind == "coop":
+        return CoOp(bb, init=m.init, n_ctx=m.n_ctx, class_specific=m.class_specific, n_classes=n_classes,
+                    generator=gen)
+    if m.kind == "vpt":
+        return VPT(bb, n_tokens=m.n_tokens, deep=m.deep, generator=gen)
+    if m.kind == "joint":
+        return Joint(bb, init=m.init, n_ctx=m.n_ctx, n_tokens=m.n_tokens, deep=m.deep, coupled=m.coupled,
+                     generator=gen)
+    return None

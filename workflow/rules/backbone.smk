@@ -1,6 +1,13 @@
 rule backbone:
     input:
-        sources("backbone.py", "data/shards.py", "data/names.py", "io.py"),
+        sources(
+            "backbone.py",
+            "data/__init__.py",
+            "data/names.py",
+            "data/shards.py",
+            "images.py",
+            "io.py",
+        ),
         shards="data/{profile}/shards",
     output:
         directory("models/{profile}/backbone"),

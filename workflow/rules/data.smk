@@ -2,7 +2,18 @@
 # list them and resolve the corpus shards (gram/data/paper.py). The runtime bounds the paper's fetch.
 rule download:
     input:
-        sources("data", "io.py"),
+        sources(
+            "data/download.py",
+            "data/__init__.py",
+            "data/emoji.py",
+            "data/fetch.py",
+            "data/fewshot.py",
+            "data/names.py",
+            "data/paper.py",
+            "data/shards.py",
+            "images.py",
+            "io.py",
+        ),
         corpus=img2dataset_summary,
     output:
         shards=directory("data/{profile}/shards"),
@@ -30,7 +41,7 @@ if img2dataset_enabled(PROFILE):
 
     rule img2dataset:
         input:
-            sources("data/img2dataset.py"),
+            sources("data/img2dataset.py", "io.py"),
             table=PARAMS.active().data.paper.img2dataset.url_list,
         output:
             img2dataset_summary(None)[0],

@@ -1,6 +1,18 @@
 rule evaluate:
     input:
-        sources("evaluate.py", "backbone.py", "data", "io.py"),
+        sources(
+            "evaluate.py",
+            "backbone.py",
+            "data/__init__.py",
+            "data/datasets.py",
+            "data/fetch.py",
+            "data/fewshot.py",
+            "data/names.py",
+            "data/paper.py",
+            "data/shards.py",
+            "images.py",
+            "io.py",
+        ),
         datasets="data/{profile}/datasets",
         shards="data/{profile}/shards",
         backbone="models/{profile}/backbone",

@@ -1,6 +1,6 @@
 rule report:
     input:
-        sources("report.py", "tables.py", "io.py"),
+        sources("report.py", "io.py", "tables.py"),
         evals=eval_dirs,
         runs=run_files,
         backbone="models/{profile}/backbone",

@@ -20,13 +20,13 @@ def _size_mb(path):
 def memory(base_mb, images=None, **per_input):
     """A `mem_mb` callable: base_mb plus factor x the size of each named input (e.g. backbone=4),
     plus, with `images` ((wildcards) -> (datasets, shots)), twice the paper profile's images the job
-    decodes (`gram.data.decoded_mb`: the largest test split, and the shots; twice, for the copy a
+    decodes (`gram.data.datasets.decoded_mb`: the largest test split, and the shots; twice, for the copy a
     scorer keeps of the classes it scores). ImageNet-Sketch at 224 px: 2 x 7.3 GB."""
 
     def mem_mb(wildcards, input):
         extra = sum(f * _size_mb(getattr(input, name)) for name, f in per_input.items())
         if images is not None:
-            from gram.data import decoded_mb
+            from gram.data.datasets import decoded_mb
 
             names, shots = images(wildcards)
             data_dir = Path(input.datasets).parent

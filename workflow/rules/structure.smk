@@ -4,7 +4,16 @@
 
 rule embed:
     input:
-        sources("embed.py", "backbone.py", "data/shards.py", "io.py", "tensorio.py"),
+        sources(
+            "embed.py",
+            "backbone.py",
+            "data/__init__.py",
+            "data/names.py",
+            "data/shards.py",
+            "images.py",
+            "io.py",
+            "tensorio.py",
+        ),
         shards="data/{profile}/shards",
         backbone="models/{profile}/backbone",
     output:
@@ -31,9 +40,12 @@ rule cluster:
     input:
         sources(
             "cluster.py",
-            "embed.py",
             "backbone.py",
+            "data/__init__.py",
+            "data/names.py",
             "data/shards.py",
+            "embed.py",
+            "images.py",
             "io.py",
             "tensorio.py",
         ),
@@ -60,7 +72,18 @@ rule cluster:
 
 rule tasks:
     input:
-        sources("tasks.py", "cluster.py", "io.py", "tensorio.py"),
+        sources(
+            "tasks.py",
+            "backbone.py",
+            "cluster.py",
+            "data/__init__.py",
+            "data/names.py",
+            "data/shards.py",
+            "embed.py",
+            "images.py",
+            "io.py",
+            "tensorio.py",
+        ),
         chc="data/{profile}/chc",
     output:
         directory("data/{profile}/tasks"),
@@ -80,7 +103,19 @@ rule tasks:
 
 rule prototypes:
     input:
-        sources("prototypes.py", "cluster.py", "embed.py", "io.py", "tensorio.py"),
+        sources(
+            "prototypes.py",
+            "backbone.py",
+            "cluster.py",
+            "data/__init__.py",
+            "data/names.py",
+            "data/shards.py",
+            "embed.py",
+            "images.py",
+            "io.py",
+            "regulator.py",
+            "tensorio.py",
+        ),
         embed="data/{profile}/embed",
         chc="data/{profile}/chc",
     output:

@@ -7,15 +7,24 @@ rule tpt:
     input:
         sources(
             "tpt.py",
-            "tune.py",
-            "evaluate.py",
-            "prompts",
             "backbone.py",
-            "data",
+            "cluster.py",
+            "data/__init__.py",
+            "data/datasets.py",
+            "data/fetch.py",
+            "data/fewshot.py",
+            "data/names.py",
+            "data/paper.py",
+            "data/shards.py",
+            "embed.py",
+            "evaluate.py",
+            "images.py",
             "io.py",
-            "meta.py",
-            "distributed.py",
+            "prompts",
+            "prototypes.py",
             "regulator.py",
+            "tensorio.py",
+            "tune.py",
         ),
         datasets="data/{profile}/datasets",
         shards="data/{profile}/shards",
@@ -44,7 +53,7 @@ rule tpt:
 
 rule tpt_report:
     input:
-        sources("report.py", "io.py"),
+        sources("report.py", "io.py", "tables.py"),
         runs=tpt_files,
     output:
         md="results/{profile}/test_time.md",
