@@ -36,7 +36,7 @@ from gram.config import AugmentParams, BackboneParams, CaptionParams, PretrainPa
 from gram.data.names import words
 from gram.data.shards import iter_samples, load_images, shard_paths
 from gram.images import ImageSpec, image_spec, normalize_pixels, preprocess
-from gram.io import atomic_dir, config_digest, file_sha256, write_json
+from gram.io import atomic_dir, check_finite, config_digest, file_sha256, write_json
 from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.backbone")
@@ -390,6 +390,7 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
         with torch.no_grad():
             model.logit_scale.clamp_(0, max_scale)
         losses.append(round(loss.item(), 4))
+        check_finite("backbone pretraining", step + 1, p.steps, losses[-1], model.named_parameters())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
         if p.checkpoint_every and (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
             _save_checkpoint(ckpt, model, opt, step + 1, digest, losses, rng, gen, perm)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -42,6 +43,35 @@ def job_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+class DivergedError(RuntimeError):
+    """A training loop met a non-finite loss or parameter (nothing of the run is written)."""
+
+
+def check_finite(what: str, step: int, total: int, loss: float, params=()) -> None:
+    """Stop a training loop at its first non-finite loss or parameter.
+
+    Args:
+        what: the run, as the error names it (e.g. "tune coop (few-shot, subgroup16, 4 shots, seed 1)").
+        step: the 1-based step just taken, of `total`; loss: its loss (a Python float: the loops
+            already read it back for their history, so this adds no host sync for the loss).
+        params: (name, tensor) pairs to check after the step (one reduction each).
+
+    Raises:
+        DivergedError naming the run, the step and the value; the caller has written nothing yet.
+    """
+    bad = None
+    if not math.isfinite(loss):
+        bad = f"loss = {loss}"
+    else:
+        for name, t in params:
+            if not bool(t.isfinite().all()):
+                bad = f"parameter {name} holds {'nan' if bool(t.isnan().any()) else 'inf'}"
+                break
+    if bad is not None:
+        raise DivergedError(f"{what}: {bad} at step {step} of {total}; the run diverged (is a learning rate too "
+                            "high?) and nothing was written")
 
 
 @contextlib.contextmanager

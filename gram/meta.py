@@ -71,7 +71,7 @@ from gram.cluster import KEYS
 from gram.config import MetaParams, to_dict
 from gram.data.corpus import LazyPixels, locate_pairs
 from gram.distributed import World
-from gram.io import atomic_dir, atomic_path, config_digest, file_sha256, write_json
+from gram.io import atomic_dir, atomic_path, check_finite, config_digest, file_sha256, write_json
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, normalize
 from gram.prototypes import load_structure
@@ -314,8 +314,12 @@ def load_checkpoint(ckpt: Path, ml: MetaLearner, opt, digest: str) -> tuple[int,
 
 
 def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None, digest: str = "",
-               progress: bool = True, stop_after: int | None = None, world: World = World()) -> list[dict]:
+               progress: bool = True, stop_after: int | None = None, world: World = World(),
+               what: str = "meta") -> list[dict]:
     """Run the outer loop of `cfg` (resuming from `ckpt`); returns the per-step history.
+
+    Raises DivergedError (naming `what`, the step and the value) at the first non-finite loss, θ or φ,
+    before that step is checkpointed.
 
     `stop_after`: return after this many steps of this call (tests interrupt a run with it).
     `world`: this process's rank among the meta-training processes (gram.distributed.init); each rank
@@ -354,6 +358,7 @@ def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None
             sums[3] = len(parts)
         sums = distributed.all_reduce_sum(sums, world)
         ls, lq, gate = (sums[:3] / sums[3]).tolist()  # one host sync per outer step
+        check_finite(what, step + 1, cfg.steps, ls + lq, [*ml.theta.items(), *ml.phi.items()])
         history.append({"step": step + 1, "support_loss": round(ls, 5), "query_loss": round(lq, 5),
                         "gate": None if gate != gate else round(gate, 5)})
         bar.set_postfix(support=f"{ls:.3f}", query=f"{lq:.3f}", refresh=False)
@@ -442,7 +447,7 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
                             **({"prototypes": proto_sha} if proto_sha else {})})
     ckpt = out.with_name(f".{out.name}.ckpt")
     t_train = time.time()
-    history = meta_train(ml, tasks, cfg, ckpt, digest, progress, world=world)
+    history = meta_train(ml, tasks, cfg, ckpt, digest, progress, world=world, what=f"meta {recipe}")
     train_s = time.time() - t_train
     if not world.main:  # rank 0 validates and publishes; the others wait for it, then leave
         distributed.barrier(world)

@@ -44,7 +44,7 @@ from gram.data.datasets import load_dataset, split_images, split_index
 from gram.data.fewshot import few_shot
 from gram.evaluate import PROTOCOLS, NotApplicable, score_protocol
 from gram.images import preprocess
-from gram.io import file_sha256, write_json
+from gram.io import check_finite, file_sha256, write_json
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, normalize
 from gram.regulator import META, load_meta
@@ -64,7 +64,7 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: fl
 def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], steps: int = 200,
          lr: float = 2.0e-3, batch_size: int = 32, optimizer: str = "sgd", momentum: float = 0.9,
          warmup: int = 0, warmup_lr: float = 1.0e-5, seed: int = 0, progress: bool = False,
-         regulator=None) -> list[float]:
+         regulator=None, what: str = "tune") -> list[float]:
     """Tune the learner's θ in place on (pixels, labels); returns the loss of every step.
 
     Args:
@@ -73,6 +73,10 @@ def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], 
         regulator: a frozen `gram.regulator.Regulators` (GRAM's ψ_φ): every step's gradient g of θ is
             replaced by ψ_φ(g; h) before the optimiser sees it, h = the mean frozen image feature of
             the step's images [sibling].
+        what: the run, as an error names it.
+
+    Raises:
+        DivergedError at the first non-finite loss or θ, naming `what`, the step and the value.
     """
     gen = torch.Generator().manual_seed(seed)
     params = list(learner.parameters())
@@ -113,6 +117,7 @@ def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], 
                     grads[k].copy_(g)
         opt.step()
         losses.append(loss.item())
+        check_finite(what, step + 1, steps, losses[-1], learner.named_parameters())
     return losses
 
 
@@ -233,7 +238,8 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
             meta_info = {"recipe": mm["recipe"], "sha256": file_sha256(Path(meta_dir) / META),
                          "init": m.meta_init, "regulator": m.meta_regulator}
         losses = tune(learner, preprocess(images, bb.spec), torch.as_tensor(labels), names, m.steps,
-                      m.lr, m.batch_size, m.optimizer, seed=seed, progress=True, regulator=regulator)
+                      m.lr, m.batch_size, m.optimizer, seed=seed, progress=True, regulator=regulator,
+                      what=f"tune {name} ({dataset}, {shots} shots, seed {seed})")
         clf = Tuned(learner, dataset, class_ids, pc.batch_size)
     info = {"meta": meta_info, "subset_hash": digest, "n_train": int(len(idx)),
             "train_keys": sorted(keys[i] for i in idx),
