@@ -17,6 +17,7 @@ dataclasses by `gram schema`, and a test checks that the committed file has not 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 PROFILES = ("emoji", "paper", "tiny", "paper_smoke")
+METHOD_NAME = re.compile(r"[A-Za-z0-9_+-]+")  # names of methods and recipes: they name folders and wildcards
 
 
 class ConfigError(ValueError):
@@ -110,6 +112,9 @@ class PaperDataParams:
         factory=dict, help="corpus domain -> its image-text shards: a brace pattern, folder, URL or list "
                            "(e.g. cc3m: /data/cc3m/{00000..00331}.tar)")
     img2dataset: Img2DatasetParams = _f(factory=Img2DatasetParams, help="opt-in corpus download")
+    allow_pipe: bool = _f(False, help="run `pipe:COMMAND` shard addresses of `corpus` and of the corpus "
+                                      "manifests (the command's stdout is the shard): opt in, since a manifest or "
+                                      "params file from elsewhere would otherwise run arbitrary commands")
 
 
 @dataclass(frozen=True)
@@ -457,7 +462,7 @@ class GridParams:
     gram: list[GramEntry] = _f(factory=list, help="GRAM methods, each with its meta recipe: one job per "
                                                   "(protocol, dataset, method, shots, seed), as for `tuned`")
     datasets: list[str] = _f(factory=list, help="datasets of the few-shot and base-to-new protocols")
-    shots: list[int] = _f(factory=lambda: [1, 2, 4, 8, 16], help="shots per class of the few-shot protocol")
+    shots: list[int] = _f(factory=lambda: [1, 2, 4, 8, 16], help="shots per class of the few-shot protocol", min=1)
     seeds: list[int] = _f(factory=lambda: [1, 2, 3], help="seeds of every tuned run (subset, init, batches)")
     base_to_new_shots: int = _f(16, help="shots per base class in base-to-new", min=1)
     transfer: TransferParams = _f(factory=TransferParams, help="source of cross-dataset and domain "
@@ -579,10 +584,31 @@ def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
     return obj
 
 
+def _method_names(obj: Any) -> list[tuple[str, str]]:
+    """(dotted key, name) of every method and recipe name a profile defines or a grid names."""
+    if isinstance(obj, ProfileParams):
+        return ([(f"methods.{n}", n) for n in obj.methods] + [(f"meta.{n}", n) for n in obj.meta]
+                + [(f"tpt.methods.{n}", n) for n in obj.tpt.methods])
+    if isinstance(obj, GridParams):
+        t = obj.tpt
+        return ([(f"tuned[{i}]", n) for i, n in enumerate(obj.tuned)]
+                + [(f"meta[{i}]", n) for i, n in enumerate(obj.meta)]
+                + [(f"gram[{i}].{k}", getattr(e, k)) for i, e in enumerate(obj.gram) for k in ("method", "meta")]
+                + [(f"tpt.words[{i}]", n) for i, n in enumerate(t.words)]
+                + [(f"tpt.tuned[{i}].{k}", getattr(e, k)) for i, e in enumerate(t.tuned) for k in ("method", "prompt")]
+                + [(f"tpt.gram[{i}].{k}", getattr(e, k)) for i, e in enumerate(t.gram) for k in ("method", "meta")])
+    return []
+
+
 def _check(obj: Any, prefix: str, where: str) -> None:
     """Constraints that involve several fields."""
     def err(msg: str) -> ConfigError:
         return ConfigError(f"{where}: `{prefix}`: {msg}")
+
+    for key, name in _method_names(obj):
+        if not METHOD_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: `{prefix + '.' if prefix else ''}{key}`: method name {name!r} must be letters, "
+                              "digits, `_`, `+` or `-` (it names output folders and Snakemake wildcards)")
 
     if isinstance(obj, SplitParams) and obj.train + obj.val >= 1.0:
         raise err(f"train + val = {obj.train + obj.val} leaves no test split")

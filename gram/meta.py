@@ -256,7 +256,7 @@ class LazyPixels:
 
 
 def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, batch_size: int = 256,
-                cache_rows: int = 256, workers: int = 0) -> Corpus:
+                cache_rows: int = 256, workers: int = 0, allow_pipe: bool = False) -> Corpus:
     """The corpus of the pairs `keys` (hierarchy order, `<domain>/<key>`) of which the tasks use `rows`.
 
     The shards of each domain are `gram.data.shards.corpus_shards(data_dir, domain)` (a folder of tars, or
@@ -266,7 +266,8 @@ def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, bat
     in memory. A key found in several shards is taken from the last, as a sample is taken only with an
     image and a non-blank caption (as `gram.data.shards.ShardPairs` does). The frozen features are encoded
     `batch_size` rows at a time (in row order) and no pixels are kept: `Corpus.pixels` is a `LazyPixels`
-    (`cache_rows`, `workers`: its LRU cache and decoding threads).
+    (`cache_rows`, `workers`: its LRU cache and decoding threads). A `pipe:` address of a manifest is refused
+    unless `allow_pipe` (`data.paper.allow_pipe`).
 
     Raises:
         FileNotFoundError naming a domain without shards; ValueError when a pair of `rows` is in no shard;
@@ -284,7 +285,7 @@ def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, bat
     raw: dict[int, tuple[int, bytes]] = {}  # row -> (shard, image bytes): the shards that cannot be sought
     streamed = 0
     for d in sorted({k.split("/", 1)[0] for k in keys}):
-        for url in corpus_shards(data_dir, d):
+        for url in corpus_shards(data_dir, d, allow_pipe):
             s = len(shards)
             shards.append(str(local_path(url)) if is_local(url) else url)
             samples = None
@@ -695,7 +696,7 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     regs = make_regulators(dict(learner.named_parameters()), cfg.regulator, context_dim).to(bb.device)
     rows = np.unique(np.concatenate(tasks.support + tasks.query))
     t_load = time.time()
-    corpus = load_corpus(bb, data_dir, keys, rows)
+    corpus = load_corpus(bb, data_dir, keys, rows, allow_pipe=prof.data.paper.allow_pipe)
     log.info("corpus: %d pairs of %d encoded in %.1f s; %d tasks (%s)", len(rows), len(keys), time.time() - t_load,
              len(tasks), cfg.tasks)
     structure, proto_sha = None, None

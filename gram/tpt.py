@@ -458,12 +458,15 @@ class TestTimeTuner:
         per_batch = self.images_per_batch(len(names))
         cached = None
         if cache is not None and Path(cache).exists():
-            from gram.tensorio import load_tensors
+            from gram.tensorio import DamagedFile, load_tensors
 
-            cached = load_tensors(cache)[0]["features"]
-            if cached.shape[:2] != (len(images), cfg.views):
-                raise ValueError(f"{cache}: view features of shape {list(cached.shape)}, expected "
-                                 f"[{len(images)}, {cfg.views}, E]; delete it")
+            try:
+                cached = load_tensors(cache)[0]["features"]
+            except DamagedFile as e:  # a cache: computed afresh (and rewritten) rather than trusted
+                log.warning("%s; computing the view features afresh", e)
+        if cached is not None and cached.shape[:2] != (len(images), cfg.views):
+            raise ValueError(f"{cache}: view features of shape {list(cached.shape)}, expected "
+                             f"[{len(images)}, {cfg.views}, E]; delete it")
         before, after, losses, computed = [], [], [], []
         t = {"views_s": 0.0, "encode_s": 0.0, "tune_s": 0.0}
         bar = tqdm(total=len(images), desc="tpt", unit="img", disable=not progress, mininterval=2.0)
