@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -145,7 +146,10 @@ def test_shards_given_by_address_read_the_same(world, tmp_path):
             (data / "shards" / f"{folder.name}.json").write_text(json.dumps({"spec": str(folder),
                                                                               "shards": [{"url": u} for u in urls]}))
     rows = some_rows(len(keys), 3)
-    by_url = M.load_corpus(bb, data, keys, rows)
+    with pytest.raises(ValueError, match=re.escape(f"{data / 'shards'}") + r".*\.json: shard address 'pipe:cat .*"
+                                         r"data\.paper\.allow_pipe"):
+        M.load_corpus(bb, data, keys, rows)  # a command in a manifest runs only when the params allow it
+    by_url = M.load_corpus(bb, data, keys, rows, allow_pipe=True)
     local = M.load_corpus(bb, world["data"], keys, rows)
     assert by_url.captions == local.captions and torch.equal(by_url.frozen, local.frozen)
     for seed in range(3):
