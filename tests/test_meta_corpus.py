@@ -25,9 +25,10 @@ from gram.tensorio import load_tensors
 from test_meta import stage
 
 
-def eager_corpus(bb, data_dir, keys: list[str], rows, batch_size: int = 256) -> M.Corpus:
+def eager_corpus(bb, data_dir, keys: list[str], rows, batch_size: int = 256, allow_pipe: bool = False) -> M.Corpus:
     """The corpus as the stage built it before it streamed: every shard read whole, the used rows decoded into
-    one pixel tensor [N, 3, crop, crop], their frozen features encoded in row order, `batch_size` at a time."""
+    one pixel tensor [N, 3, crop, crop], their frozen features encoded in row order, `batch_size` at a time
+    (local shard folders only: `allow_pipe` is not used)."""
     where = {k: i for i, k in enumerate(keys)}
     captions, raw, wanted = [""] * len(keys), {}, set(int(r) for r in rows)
     for d in sorted({k.split("/", 1)[0] for k in keys}):
