@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 def backbone_fingerprint(model_dir: str | Path) -> str:
-    """SHA-256 over a saved backbone's config and weight files (what its embeddings depend on)."""
+    """SHA-256 over the backbone's files that its embeddings depend on: weights, model and preprocessing
+    configs, tokenizer (vocabulary, merges). Not the backbone stage's record `pretrain.json`, whose wall times
+    differ from run to run while the weights are byte-equal."""
     h = hashlib.sha256()
     model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no config or weights to fingerprint (is it a backbone directory?)")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: backbone directory does not exist (the backbone stage writes it)")
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.is_file() and p.name != PRETRAIN_LOG and not p.name.startswith("."))
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        raise FileNotFoundError(f"{model_dir}: no weights to fingerprint (is it a backbone directory?)")
     for p in files:
         h.update(p.name.encode())
         h.update(file_sha256(p).encode())
@@ -124,31 +130,70 @@ def tokenize(tokenizer, texts: list[str], context: int) -> dict[str, torch.Tenso
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def load(model: str | Path, device: str = "auto", dtype: str = "float32") -> Backbone:
-    """Load a CLIP (hub id or directory), frozen, in eval mode, on `device` in `dtype`.
+def looks_like_hub_id(name: str) -> bool:
+    """`org/name` or `name` as the hub spells repositories (no path syntax such as `./`, `..` or a leading `/`)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is not None and ".." not in name
 
+
+def damaged_files(model_dir: Path) -> list[str]:
+    """'<file>: <why>' for every weight or JSON file of a saved model that does not read (truncated, damaged)."""
+    from safetensors import safe_open
+
+    bad = []
+    for p in sorted(model_dir.iterdir()):
+        try:
+            if p.suffix == ".safetensors":
+                with safe_open(str(p), framework="pt") as f:
+                    f.keys()
+            elif p.suffix == ".json":
+                json.loads(p.read_text())
+        except Exception as e:  # noqa: BLE001 - safetensors, json and decoding errors differ in type
+            bad.append(f"{p}: {e}")
+    return bad
+
+
+def load(model: str | Path, device: str = "auto", dtype: str = "float32", hub: bool = False) -> Backbone:
+    """Load a CLIP (a directory, or with `hub` a hub id), frozen, in eval mode, on `device` in `dtype`.
+
+    Args:
+        hub: `backbone.source` is hub: a `model` that is no local path and looks like a hub id is read from
+            the HF cache (or the hub). Otherwise `model` must be a directory (the backbone stage's output).
     Raises:
-        RuntimeError naming the model when it is neither a local directory nor in the HF cache
-        and the hub cannot be reached.
+        FileNotFoundError naming a directory that does not exist; RuntimeError naming a truncated or damaged
+        file of the directory, or a hub id that is neither in the HF cache nor reachable.
     """
     from transformers import AutoTokenizer, CLIPModel
     from transformers.utils import logging as hf_logging
 
+    local = Path(str(model))
+    from_hub = hub and not local.exists() and looks_like_hub_id(str(model))
+    if not from_hub and not local.is_dir():
+        what = "is not a directory" if local.exists() else "does not exist"
+        raise FileNotFoundError(f"{local}: backbone directory {what} (the backbone stage writes it: "
+                                f"`gram backbone --out {local}`)")
     hf_logging.disable_progress_bar()  # one bar per weight file is noise in stage logs
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     try:
         clip = CLIPModel.from_pretrained(str(model), dtype=dt, attn_implementation="sdpa")
         tok = AutoTokenizer.from_pretrained(str(model))
-    except OSError as e:
-        raise RuntimeError(
-            f"cannot load CLIP {str(model)!r}: {e}\nIf it is a hub id, download it first while online: "
-            f"`hf download {model}` (it lands in $HF_HOME), then run offline with HF_HUB_OFFLINE=1.") from None
+        if not from_hub:
+            spec = image_spec(local)
+    except Exception as e:  # noqa: BLE001 - transformers, safetensors and json raise many types
+        if from_hub:
+            if not isinstance(e, OSError):
+                raise
+            raise RuntimeError(
+                f"cannot load CLIP {str(model)!r}: {e}\nIf it is a hub id, download it first while online: "
+                f"`hf download {model}` (it lands in $HF_HOME), then run offline with HF_HUB_OFFLINE=1.") from None
+        bad = damaged_files(local)
+        if bad:
+            raise RuntimeError(f"backbone {local}: truncated or damaged file(s): " + "; ".join(bad)
+                               + f". Rerun the backbone stage (`gram backbone --out {local}`).") from None
+        raise RuntimeError(f"{local}: cannot load the backbone ({type(e).__name__}: {e}); is it a directory the "
+                           "backbone stage wrote?") from None
     clip.requires_grad_(False).eval().to(dev)
-    local = Path(str(model))
-    if local.is_dir():
-        spec = image_spec(local)
-    else:
+    if from_hub:
         from huggingface_hub import hf_hub_download
 
         spec = image_spec(Path(hf_hub_download(str(model), "preprocessor_config.json")).parent)
@@ -300,15 +345,24 @@ def _load_checkpoint(ckpt: Path, model, opt, digest: str, rng: random.Random, ge
     """Resume from `ckpt` if it was written with the same parameters; returns (step, losses, perm)."""
     import ast
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not (ckpt / "state.json").exists():
         return 0, [], []
-    meta = json.loads((ckpt / "state.json").read_text())
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+    except json.JSONDecodeError as e:
+        log.warning("ignoring checkpoint %s: %s is truncated or damaged (%s)", ckpt, ckpt / "state.json", e)
+        return 0, [], []
     if meta["digest"] != digest:
         log.info("ignoring checkpoint %s: written with other parameters", ckpt)
         return 0, [], []
-    t = load_file(str(ckpt / "state.safetensors"))
+    try:
+        t = load_file(str(ckpt / "state.safetensors"))
+    except SafetensorError as e:  # a damaged checkpoint is ignored, never trusted (as meta's is)
+        log.warning("ignoring checkpoint %s: %s is truncated or damaged (%s)", ckpt, ckpt / "state.safetensors", e)
+        return 0, [], []
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     state = opt.state_dict()
     for key, v in t.items():
@@ -427,7 +481,7 @@ def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path |
     """Write the backbone directory `out`: a pretrained small CLIP, or a copy of `cfg.model`."""
     out = Path(out)
     if cfg.source == "hub":
-        bb = load(cfg.model, cfg.device, "float32")
+        bb = load(cfg.model, cfg.device, "float32", hub=True)
         with atomic_dir(out) as tmp:
             bb.model.save_pretrained(tmp)
             bb.tokenizer.save_pretrained(tmp)

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         entry(argv[1:])
-    except (C.ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        # expected failures (bad params, missing inputs, a missing tool) get one clear line;
+    except (C.ConfigError, OSError, KeyError, ValueError, RuntimeError) as e:
+        # expected failures (bad params, missing or damaged inputs, a full disk, a missing tool) get one clear line;
         # with -v/--verbose the traceback too
         if "-v" in argv or "--verbose" in argv:
             raise

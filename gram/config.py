@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 import yaml
 
 PROFILES = ("emoji", "demo", "paper", "tiny", "paper_smoke")
+METHOD_NAME = re.compile(r"[A-Za-z0-9_+-]+")  # names of methods and recipes: they name folders and wildcards
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,16 @@ class ConfigError(ValueError):
 
 def _field_error(key: str, detail: str) -> ConfigError:
     return ConfigError(f"`{key}` {detail}", key=key, detail=detail)
+
+
+def _bad_method_names(pairs) -> ConfigError | None:
+    """The error for the first (key, name) whose name is not letters, digits, `_`, `+` or `-` (names of
+    methods and recipes become output folders and Snakemake wildcards)."""
+    for key, name in pairs:
+        if not METHOD_NAME.fullmatch(name):
+            return _field_error(key, f"names method {name!r}: a method name must be letters, digits, `_`, `+` or "
+                                     "`-` (it names output folders and Snakemake wildcards)")
+    return None
 
 
 def _f(default: Any = dataclasses.MISSING, *, help: str, min: float | None = None,
@@ -115,7 +127,7 @@ def _validate(value: Any, tp: Any, key: str, meta: Mapping) -> Any:
         if not isinstance(value, list):
             raise bad()
         (item,) = typing.get_args(tp)
-        return [_validate(v, item, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+        return [_validate(v, item, f"{key}[{i}]", meta) for i, v in enumerate(value)]  # bounds hold per item
     if origin is dict:
         if not isinstance(value, dict):
             raise bad()
@@ -221,6 +233,9 @@ class PaperDataParams(Section):
         factory=dict, help="corpus domain -> its image-text shards: a brace pattern, folder, URL or list "
                            "(e.g. cc3m: /data/cc3m/{00000..00331}.tar)")
     img2dataset: Img2DatasetParams = _f(factory=Img2DatasetParams, help="opt-in corpus download")
+    allow_pipe: bool = _f(False, help="run `pipe:COMMAND` shard addresses of `corpus` and of the corpus "
+                                      "manifests (the command's stdout is the shard): opt in, since a manifest or "
+                                      "params file from elsewhere would otherwise run arbitrary commands")
 
 
 @dataclass(frozen=True)
@@ -596,6 +611,12 @@ class ProfileParams(Section):
     tpt: TptParams = _f(factory=lambda: TptParams(), help="test-time prompt tuning (gram/tpt.py)")
     grid: Optional["GridParams"] = _f(None, help="this profile's own fan-out (paper); null: the top-level grid")
 
+    def check(self) -> None:
+        bad = _bad_method_names([(f"methods.{n}", n) for n in self.methods] + [(f"meta.{n}", n) for n in self.meta]
+                                + [(f"tpt.methods.{n}", n) for n in self.tpt.methods])
+        if bad is not None:
+            raise bad
+
 
 @dataclass(frozen=True)
 class TransferParams(Section):
@@ -644,12 +665,24 @@ class GridParams(Section):
     gram: list[GramEntry] = _f(factory=list, help="GRAM methods, each with its meta recipe: one job per "
                                                   "(protocol, dataset, method, shots, seed), as for `tuned`")
     datasets: list[str] = _f(factory=list, help="datasets of the few-shot and base-to-new protocols")
-    shots: list[int] = _f(factory=lambda: [1, 2, 4, 8, 16], help="shots per class of the few-shot protocol")
+    shots: list[int] = _f(factory=lambda: [1, 2, 4, 8, 16], help="shots per class of the few-shot protocol", min=1)
     seeds: list[int] = _f(factory=lambda: [1, 2, 3], help="seeds of every tuned run (subset, init, batches)")
     base_to_new_shots: int = _f(16, help="shots per base class in base-to-new", min=1)
     transfer: TransferParams = _f(factory=TransferParams, help="source of cross-dataset and domain "
                                                                "generalisation")
     tpt: TptGrid = _f(factory=TptGrid, help="test-time tuning runs (gram tpt), seeds from `seeds`")
+
+    def check(self) -> None:
+        t = self.tpt
+        bad = _bad_method_names(
+            [(f"tuned[{i}]", n) for i, n in enumerate(self.tuned)]
+            + [(f"meta[{i}]", n) for i, n in enumerate(self.meta)]
+            + [(f"gram[{i}].{k}", getattr(e, k)) for i, e in enumerate(self.gram) for k in ("method", "meta")]
+            + [(f"tpt.words[{i}]", n) for i, n in enumerate(t.words)]
+            + [(f"tpt.tuned[{i}].{k}", getattr(e, k)) for i, e in enumerate(t.tuned) for k in ("method", "prompt")]
+            + [(f"tpt.gram[{i}].{k}", getattr(e, k)) for i, e in enumerate(t.gram) for k in ("method", "meta")])
+        if bad is not None:
+            raise bad
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ shards or raising the threshold) computes only what is missing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -196,13 +195,14 @@ def shard_stem(url: str) -> str:
 
 
 def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_size: int = 256,
-                 workers: int = 2, prefetch: int = 4) -> dict:
+                 workers: int = 2, prefetch: int = 4, allow_pipe: bool = False) -> dict:
     """Embed every shard into `<out_dir>/<shard stem>.safetensors`.
 
     Args:
         bb: a loaded `gram.backbone.Backbone`; model_dir: its directory (for the fingerprint).
         shards: paths, URLs, brace patterns or a directory (`gram.data.shards.expand_shards`).
         workers: threads that decode images; prefetch: batches queued ahead of the encoder.
+        allow_pipe: accept `pipe:COMMAND` shard addresses (`data.paper.allow_pipe`).
     Returns:
         {"computed": [shard names], "kept": [shard names], "pairs": pairs embedded now,
          "shards": {shard name: {"pairs": n, "skipped": {reason: n}}} of every shard, computed or kept,
@@ -215,7 +215,7 @@ def embed_shards(bb, shards, out_dir: str | Path, model_dir: str | Path, batch_s
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    urls = expand_shards(shards)
+    urls = expand_shards(shards, allow_pipe)
     stems = [shard_stem(u) for u in urls]
     if len(set(stems)) != len(stems):
         raise ValueError(f"shards with the same name would share one output file in {out_dir}: "
@@ -299,7 +299,7 @@ def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tupl
         raise FileNotFoundError(f"{out_dir}: no embedding files (did the embed step run?)")
     keys, imgs, txts = [], [], []
     for f in files:
-        t, meta = load_tensors(f)
+        t, meta = load_tensors(f, rerun="rerun the embed stage (`gram embed`), which writes it")
         if "keys" not in meta:
             raise ValueError(f"{f}: not an embedding file of gram.embed (no `keys` in its metadata)")
         if not meta["keys"]:
@@ -315,11 +315,11 @@ def load_embeddings(out_dir: str | Path, names: list[str] | None = None) -> tupl
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
-def corpus_dirs(data_dir: str | Path, domains: list[str]) -> dict[str, list[str]]:
+def corpus_dirs(data_dir: str | Path, domains: list[str], allow_pipe: bool = False) -> dict[str, list[str]]:
     """Shards of every corpus domain (`gram.data.shards.corpus_shards`); errors name what is missing."""
     if not domains:
         raise ValueError("data.vendors.meta is empty: there is no meta-training corpus to embed")
-    return {d: corpus_shards(data_dir, d) for d in domains}
+    return {d: corpus_shards(data_dir, d, allow_pipe) for d in domains}
 
 
 class TooManySkipped(RuntimeError):
@@ -375,15 +375,16 @@ def publish(files: list[Path], out_dir: Path) -> None:
 
 
 def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: str | Path,
-        out: str | Path) -> dict:
-    """Embed the corpus of every domain; write `<out>/<domain>/*.safetensors` and `<out>/embed.json`.
+        out: str | Path, allow_pipe: bool = False) -> dict:
+    """Embed the corpus of every domain; write `<out>/<domain>/*.safetensors` and `<out>/embed.json`
+    (`allow_pipe`: run `pipe:` shard addresses, `data.paper.allow_pipe`).
 
     Raises:
         TooManySkipped when more than `cfg.max_skip_fraction` of the samples were skipped (nothing is
         published; the cache keeps every embedded shard); ShardError for a shard unreadable as a whole.
     """
     out = Path(out)
-    dirs = corpus_dirs(data_dir, domains)
+    dirs = corpus_dirs(data_dir, domains, allow_pipe)
     cache = out.with_name(f".{out.name}.cache")
     bb = B.load(model_dir, backbone_cfg.device, backbone_cfg.dtype)
     record = {"backbone": str(model_dir), "device": str(bb.device), "dtype": str(bb.dtype).removeprefix("torch."),
@@ -392,7 +393,8 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
     stems, skips = {}, {}
     for domain, shards in dirs.items():
         stems[domain] = [shard_stem(u) for u in shards]
-        rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size, cfg.workers or job_threads())
+        rep = embed_shards(bb, shards, cache / domain, model_dir, cfg.batch_size, cfg.workers or job_threads(),
+                           allow_pipe=allow_pipe)
         pairs = sum(r["pairs"] for r in rep["shards"].values())
         skips[domain] = skip_record(rep["shards"])
         busy = rep["encode_s"] + rep["wait_s"]
@@ -423,4 +425,5 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output directory, e.g. data/emoji/embed")
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
-    run(prof.embed, prof.backbone, prof.data.vendors.meta, args.data, args.backbone, args.out)
+    run(prof.embed, prof.backbone, prof.data.vendors.meta, args.data, args.backbone, args.out,
+        prof.data.paper.allow_pipe)

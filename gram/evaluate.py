@@ -187,12 +187,13 @@ def protocol_jobs(grid, pc) -> list[tuple[str, str]]:
 
 
 def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: str | Path, out: str | Path,
-        device: str = "auto", dtype: str = "float32", grid=None, protocols=None) -> list[dict]:
+        device: str = "auto", dtype: str = "float32", grid=None, protocols=None, hub: bool = False) -> list[dict]:
     """Score `method` on every configured (dataset, domain) into `<out>/<dataset>/<domain>.json`, and
-    under every protocol of `grid` into `<out>/protocols/<protocol>/<dataset>.json`."""
+    under every protocol of `grid` into `<out>/protocols/<protocol>/<dataset>.json` (`hub`: `backbone_dir`
+    may be a hub id, as with backbone.source: hub)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
-    bb = load(backbone_dir, device, dtype)
+    bb = load(backbone_dir, device, dtype, hub=hub)
     results = []
     templates = [cfg.template] if method == "zeroshot" else list(cfg.ensemble)
     with atomic_dir(out) as tmp:
@@ -224,4 +225,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     params, prof = stage_setup(args)
     run(prof.evaluate, args.method, args.data, args.backbone, args.out, prof.backbone.device, prof.backbone.dtype,
-        params.grid, prof.protocols)
+        params.grid, prof.protocols, prof.backbone.source == "hub")

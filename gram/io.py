@@ -9,6 +9,7 @@ and swapped in at the end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -74,9 +75,24 @@ def check_finite(what: str, step: int, total: int, loss: float, params=()) -> No
                             "high?) and nothing was written")
 
 
+class DiskFull(OSError):
+    """No space left while writing an output (errno ENOSPC); the message names the output. Nothing partial is
+    left behind: the temporary file or directory is removed and an older `path` stays as it was."""
+
+
+def disk_full(path: Path) -> DiskFull:
+    err = DiskFull(errno.ENOSPC, f"{path}: no space left on the device while writing it; nothing was written "
+                                 "(the partial temporary output was removed): free space and rerun the stage")
+    err.filename = str(path)
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
+
+    Raises:
+        DiskFull naming `path` when the device fills up (the temporary file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -85,6 +101,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not isinstance(e, DiskFull):
+            raise disk_full(path) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -111,7 +131,11 @@ def read_json(path: str | Path) -> Any:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory; on success it replaces `path` (old contents removed)."""
+    """Yield an empty temporary directory; on success it replaces `path` (old contents removed).
+
+    Raises:
+        DiskFull naming the file being written (or `path`) when the device fills up (the temporary
+        directory is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -126,6 +150,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not isinstance(e, DiskFull):
+            # a file of the directory, named by its final path, when the error says which
+            inner = Path(e.filename) if e.filename else None
+            raise disk_full(path / inner.relative_to(tmp) if inner and inner.is_relative_to(tmp) else path) from e
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

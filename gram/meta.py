@@ -102,20 +102,21 @@ class Corpus:
 
 
 def load_corpus(bb, data_dir: str | Path, keys: list[str], rows: np.ndarray, batch_size: int = 256,
-                cache_rows: int = 256, workers: int = 0) -> Corpus:
+                cache_rows: int = 256, workers: int = 0, allow_pipe: bool = False) -> Corpus:
     """The corpus of the pairs `keys` (hierarchy order, `<domain>/<key>`) of which the tasks use `rows`.
 
     The pairs are found in the shards of each domain by `gram.data.corpus.locate_pairs` (a local
     uncompressed tar is indexed and only the members of `rows` are read, with a seek each; any other shard
     is streamed once and the encoded images of `rows` are kept in memory). The frozen features are encoded
     `batch_size` rows at a time (in row order) and no pixels are kept: `Corpus.pixels` is a `LazyPixels`
-    (`cache_rows`, `workers`: its LRU cache and decoding threads).
+    (`cache_rows`, `workers`: its LRU cache and decoding threads). A `pipe:` address of a manifest is refused
+    unless `allow_pipe` (`data.paper.allow_pipe`).
 
     Raises:
         FileNotFoundError naming a domain without shards; ValueError when a pair of `rows` is in no shard;
         ShardError naming a shard that cannot be read.
     """
-    captions, shards, local, raw, streamed = locate_pairs(data_dir, keys, rows)
+    captions, shards, local, raw, streamed = locate_pairs(data_dir, keys, rows, allow_pipe)
     pixels = LazyPixels(bb.spec, keys, shards, local, raw, cache_rows, workers)
     frozen = torch.zeros(len(keys), bb.model.config.projection_dim)
     order = sorted(set(int(r) for r in rows))
@@ -432,7 +433,7 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     regs = make_regulators(dict(learner.named_parameters()), cfg.regulator, context_dim).to(bb.device)
     rows = np.unique(np.concatenate(tasks.support + tasks.query))
     t_load = time.time()
-    corpus = load_corpus(bb, data_dir, keys, rows)
+    corpus = load_corpus(bb, data_dir, keys, rows, allow_pipe=prof.data.paper.allow_pipe)
     log.info("corpus: %d pairs of %d encoded in %.1f s; %d tasks (%s)", len(rows), len(keys), time.time() - t_load,
              len(tasks), cfg.tasks)
     structure, proto_sha = None, None

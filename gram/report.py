@@ -16,7 +16,10 @@ cluster stage's output), also:
                      the main mode against its single-modality ablations
     clustering.csv   one row per (mode, truth, level)
     clustering.png   NMI against the number of clusters, one line per mode, one panel per truth
-    meta_training.md/.png  (with --meta) GRAM meta-training: held-out query loss before/after, gate, time
+    meta_training.md/.png  (with --meta) GRAM meta-training: held-out query loss before/after, gate
+    timings.csv      the wall times, kept out of every table so that a rerun gives byte-equal tables:
+                     `stage,item,seconds` for the backbone's pretraining, the clustering modes, the
+                     meta-training recipes and (with --runs) every zero-shot record and tuned run
 
 `gram tpt-report --tpt DIR --out DIR` (`test_time`) renders the test-time runs of `grid.tpt`
 (`<tpt>/<dataset>/<method>/s<seed>.json`):
@@ -24,6 +27,8 @@ cluster stage's output), also:
                      seeds: each initial prompt without test-time tuning, then every test-time method
     test_time.csv    one row per (dataset, row, seed, domain)
     test_time.png    the domain mean of every row, with the seeds' spread
+    test_time_timings.csv  the wall times of test-time tuning, one row per (dataset, method, seed, domain):
+                     seconds of tuning alone and ms per image (kept out of the tables: byte-equal reruns)
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from gram.stage import stage_parser, stage_setup
 log = logging.getLogger("gram.report")
 
 CSV_FIELDS = ["dataset", "domain", "role", "method", "n", "n_classes", "accuracy", "balanced_accuracy"]
+TIMINGS = "timings.csv"  # the report's wall times (see the module docstring)
+TPT_TIMINGS = "test_time_timings.csv"  # the test-time report's wall times
 
 
 def domain_roles(prof: ProfileParams) -> dict[str, str]:
@@ -93,7 +100,7 @@ def markdown(rows: list[dict], profile: str, methods: list[str], datasets: list[
                    "vendors it may not have seen (see the role of each column).")
     if backbone and backbone.get("source") == "pretrain":
         out.append(f"\nBackbone: small CLIP pretrained here, {backbone['parameters'] / 1e6:.1f} M parameters, "
-                   f"{backbone['steps']} steps in {backbone['seconds'] / 60:.1f} min, final loss "
+                   f"{backbone['steps']} steps, final loss "
                    f"{backbone['loss'][-1]:.3f}.")
     elif backbone:
         out.append(f"\nBackbone: `{backbone.get('model')}`.")
@@ -326,6 +333,15 @@ def meta_training(meta_dir: str | Path, recipes: list[str], out: str | Path, pro
     plt.close(fig)
 
 
+def timings_csv(rows: list[tuple[str, str, float | None]]) -> str:
+    """`stage,item,seconds` rows (the wall times the tables leave out)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["stage", "item", "seconds"])
+    w.writerows([stage, item, "" if sec is None else sec] for stage, item, sec in rows)
+    return buf.getvalue()
+
+
 def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | Path | None, out: str | Path,
         runs_dir: str | Path | None = None, chc_dir: str | Path | None = None,
         meta_dir: str | Path | None = None) -> str:
@@ -347,12 +363,22 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
     write_json(out / "zero_shot.json", summary(rows, methods, datasets))
     plot_zero_shot(rows, out / "zero_shot.png", methods, datasets, domains, roles)
     plot_loss(backbone or {}, out / "backbone.png")
+    times = [("backbone", "pretrain", backbone.get("seconds"))] if backbone and backbone.get("source") == "pretrain" \
+        else []
     if runs_dir is not None:
         tables.run(params.grid, prof, eval_dir, runs_dir, out)
+        times += tables.run_times(params.grid, prof, eval_dir, runs_dir)
     if chc_dir is not None:
         clustering(chc_dir, out, profile)
+        rec = read_json(Path(chc_dir) / "cluster.json")
+        times += [("cluster", mode, m.get("seconds")) for mode, m in rec["modes"].items()]
+        times.append(("cluster", "total", rec.get("seconds")))
     if meta_dir is not None:
         meta_training(meta_dir, list(params.grid.meta), out, profile)
+        for r in params.grid.meta:
+            info = read_json(Path(meta_dir) / r / "meta.json")
+            times += [("meta", f"{r}/train", info.get("train_time_s")), ("meta", f"{r}/total", info.get("time_s"))]
+    write_text(out / TIMINGS, timings_csv(times))
     return md
 
 
@@ -395,13 +421,14 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
           f"draws the {prof.tpt.views} views of each image and picks the few-shot prompt's run). Each image is tuned "
           f"alone: {prof.tpt.steps} AdamW step(s) at lr {prof.tpt.lr:g} on the entropy of the "
           f"{prof.tpt.keep:g} most confident views, then the prompt is reset. Rows \"…, no test-time tuning\" score "
-          "the same initial prompt on the images themselves. ms/image: test-time tuning per image (views and their "
-          "features, made once per seed and shared by the methods, not counted).",
+          f"the same initial prompt on the images themselves. The wall times of the tuning are in {TPT_TIMINGS}.",
           ""]
     table = io.StringIO()
     w = csv.writer(table, lineterminator="\n")
-    w.writerow(["dataset", "row", "method", "stage", "seed", "domain", "n", "accuracy", "balanced_accuracy",
-                "tune_ms_per_image"])
+    w.writerow(["dataset", "row", "method", "stage", "seed", "domain", "n", "accuracy", "balanced_accuracy"])
+    timing = io.StringIO()  # ms per image: the tuning alone (views and their features, made once per seed and
+    tw = csv.writer(timing, lineterminator="\n")  # shared by the methods, are not counted)
+    tw.writerow(["dataset", "method", "seed", "domain", "n", "tune_s", "tune_ms_per_image"])
     fig, axes = plt.subplots(1, len(g.tpt.datasets), figsize=(7.5 * len(g.tpt.datasets), 0.5 + 0.42 * 12),
                              squeeze=False)
     for k, ds in enumerate(g.tpt.datasets):
@@ -414,24 +441,23 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
                     raise ValueError(f"{tpt_dir / ds / m / f's{s}.json'}: domains {have}, but tpt.domains is "
                                      f"{wanted or 'every domain of ' + ds} ({domains} in the other runs); rerun it")
         head = [f"{d} ({roles.get(d, '')})" if roles.get(d) else d for d in domains]
-        md += [f"## {ds}", "", "| | " + " | ".join(head) + " | mean | ms/image |",
-               "|---|" + "---:|" * (len(domains) + 2)]
+        md += [f"## {ds}", "", "| | " + " | ".join(head) + " | mean |", "|---|" + "---:|" * (len(domains) + 1)]
         labels, means, stds = [], [], []
         for label, m, stage in _tpt_rows(g, records):
             per = np.array([[d[stage]["balanced_accuracy"] for d in records[m][s]["domains"]] for s in seeds])  # [S, D]
             avg = per.mean(1)  # [S]
             cells = [f"{100 * per[:, j].mean():.1f} ± {100 * per[:, j].std():.1f}" for j in range(len(domains))]
-            ms = np.mean([1000 * d["time"]["tune_s"] / d["n"] for s in seeds for d in records[m][s]["domains"]])
-            md.append(f"| {label} | " + " | ".join(cells) + f" | **{100 * avg.mean():.1f}** ± {100 * avg.std():.1f} | "
-                      + ("–" if stage == "before" else f"{ms:.1f}") + " |")
+            md.append(f"| {label} | " + " | ".join(cells) + f" | **{100 * avg.mean():.1f}** ± {100 * avg.std():.1f} |")
             labels.append(label)
             means.append(100 * avg.mean())
             stds.append(100 * avg.std())
             for s in seeds:
                 for d in records[m][s]["domains"]:
                     w.writerow([ds, label, m, stage, s, d["domain"], d["n"], round(d[stage]["accuracy"], 5),
-                                round(d[stage]["balanced_accuracy"], 5),
-                                "" if stage == "before" else round(1000 * d["time"]["tune_s"] / d["n"], 3)])
+                                round(d[stage]["balanced_accuracy"], 5)])
+                    if stage == "after":
+                        tw.writerow([ds, m, s, d["domain"], d["n"], d["time"]["tune_s"],
+                                     round(1000 * d["time"]["tune_s"] / d["n"], 3)])
         md.append("")
         ax = axes[0][k]
         y = np.arange(len(labels))[::-1]
@@ -444,6 +470,7 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
     text = "\n".join(md) + "\n"
     write_text(out / "test_time.md", text)
     write_text(out / "test_time.csv", table.getvalue())
+    write_text(out / TPT_TIMINGS, timing.getvalue())
     with atomic_path(out / "test_time.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

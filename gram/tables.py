@@ -11,7 +11,8 @@ Outputs under `--out`:
     cross_dataset.md / .csv          source dataset and every target dataset, and their average
     domain_generalisation.md / .csv  source domain and every target domain, and their average
     protocols.json                   every cell (mean, std, n) for `dvc metrics`
-    runs.csv                         one row per (run, target): accuracy and balanced accuracy
+    runs.csv                         one row per (run, target): accuracy and balanced accuracy (the runs' wall
+                                     times go to the report's timings.csv, `run_times`)
 
 A missing run JSON is an error that names it.
 """
@@ -190,9 +191,9 @@ def transfer(runs: Runs, protocol: str, targets: list[str], domain: str | None) 
     return "\n".join(md) + "\n", _csv(["method", "source", *targets, "average", "n"], csv_rows), metrics
 
 
-def runs_csv(runs: Runs, prof) -> str:
-    """Every run and target, long format."""
-    g, rows = runs.grid, []
+def _run_records(runs: Runs, prof):
+    """(protocol, dataset, method, record) of every run the grid asks for, in table order."""
+    g = runs.grid
     jobs = [("few-shot", ds, k) for ds in g.datasets for k in g.shots]
     jobs += [("base-to-new", ds, g.base_to_new_shots) for ds in g.datasets]
     if prof.protocols.cross_dataset:
@@ -204,13 +205,34 @@ def runs_csv(runs: Runs, prof) -> str:
             if m in runs.zs and protocol == "few-shot" and k != g.shots[0]:
                 continue  # one zero-shot record serves every k
             for r in runs.records(m, protocol, ds, k):
-                for t in r["results"]:
-                    rows.append([protocol, ds, m, r["shots"], r["seed"], r["subset_hash"] or "", t["target"],
-                                 t["dataset"], t["domain"], t.get("n", ""), t["n_excluded"],
-                                 _num(t.get("accuracy")), _num(t.get(METRIC)), r["wall_time_s"]])
+                yield protocol, ds, m, r
+
+
+def runs_csv(runs: Runs, prof) -> str:
+    """Every run and target, long format (no wall times: `run_times` has them)."""
+    rows = []
+    for protocol, ds, m, r in _run_records(runs, prof):
+        for t in r["results"]:
+            rows.append([protocol, ds, m, r["shots"], r["seed"], r["subset_hash"] or "", t["target"],
+                         t["dataset"], t["domain"], t.get("n", ""), t["n_excluded"],
+                         _num(t.get("accuracy")), _num(t.get(METRIC))])
     head = ["protocol", "dataset", "method", "shots", "seed", "subset_hash", "target", "target_dataset",
-            "target_domain", "n", "n_excluded", "accuracy", "balanced_accuracy", "wall_time_s"]
+            "target_domain", "n", "n_excluded", "accuracy", "balanced_accuracy"]
     return _csv(head, rows)
+
+
+def run_times(grid, prof, eval_dir: str | Path, runs_dir: str | Path) -> list[tuple[str, str, float]]:
+    """(stage, run, wall seconds) of every run of `runs_csv`: `evaluate` for the zero-shot records, `tune` for
+    the tuned runs (the report's `timings.csv`)."""
+    runs = Runs(grid, eval_dir, runs_dir)
+    if not grid.datasets or not (grid.tuned or grid.methods) or not prof.protocols.domain:
+        return []
+    out = []
+    for protocol, ds, m, r in _run_records(runs, prof):
+        seed = "" if r["seed"] is None else f"-s{r['seed']}"
+        out.append(("evaluate" if m in runs.zs else "tune", f"{protocol}/{ds}/{m}/k{r['shots']}{seed}",
+                    r["wall_time_s"]))
+    return out
 
 
 def plot_few_shot(metrics: dict, runs: Runs, path: Path) -> None:

@@ -25,19 +25,47 @@ def save_tensors(path: str | Path, tensors: dict, meta: dict | None = None) -> N
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=blob)
 
 
-def load_tensors(path: str | Path, names: list[str] | None = None) -> tuple[dict, dict]:
-    """(tensors, meta) of a file written by `save_tensors`; `names` picks tensors ([]: metadata only)."""
-    from safetensors import safe_open
+class DamagedFile(ValueError):
+    """A tensor file that safetensors cannot read: truncated (an interrupted copy, a full disk) or damaged."""
+
+
+def writer_of(path: Path) -> str:
+    """What to rerun for a damaged tensor file, from its fixed name (see each stage module's docstring)."""
+    name = path.name
+    if name == "state.safetensors":
+        return f"delete the checkpoint folder {path.parent} (the stage then starts afresh)"
+    for prefix, stage in (("meta.", "meta"), ("hierarchy", "cluster"), ("tasks", "tasks"),
+                          ("prototypes.", "prototypes")):
+        if name.startswith(prefix):
+            return f"rerun the {stage} stage (`gram {stage}`), which writes it"
+    return "rerun the stage that writes it"
+
+
+def damaged(path: Path, e: Exception, rerun: str | None = None) -> DamagedFile:
+    """The error for a safetensors file that does not open: names it, says why and what to rerun."""
+    return DamagedFile(f"{path}: truncated or damaged safetensors file ({e}); {rerun or writer_of(path)}")
+
+
+def load_tensors(path: str | Path, names: list[str] | None = None, rerun: str | None = None) -> tuple[dict, dict]:
+    """(tensors, meta) of a file written by `save_tensors`; `names` picks tensors ([]: metadata only).
+
+    Raises:
+        FileNotFoundError or DamagedFile (a ValueError) naming `path`; `rerun` says what to rerun for a
+        damaged file (default: `writer_of(path)`)."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (did the stage that writes it run?)")
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-        if "gram" not in raw:
-            raise ValueError(f"{path}: not a gram tensor file (no `gram` entry in its metadata)")
-        keys = list(f.keys()) if names is None else names
-        return {k: f.get_tensor(k) for k in keys}, json.loads(raw["gram"])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            if "gram" not in raw:
+                raise ValueError(f"{path}: not a gram tensor file (no `gram` entry in its metadata)")
+            keys = list(f.keys()) if names is None else names
+            return {k: f.get_tensor(k) for k in keys}, json.loads(raw["gram"])
+    except SafetensorError as e:
+        raise damaged(path, e, rerun) from None
 
 
 def save_prompt(path: str | Path, theta: dict, meta: dict) -> None:
@@ -49,7 +77,8 @@ def load_prompt(path: str | Path) -> tuple[dict, dict]:
     """(θ, record) of a prompt written by `save_prompt`; the error for a missing file says who writes it."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: no tuned prompt here (the few-shot job of grid.transfer writes it)")
-    return load_tensors(path)
+    return load_tensors(path, rerun="rerun the few-shot job of grid.transfer that writes it "
+                                    "(`gram tune --protocol few-shot … --save-prompt`)")
 
 
 def save_theta(path: str | Path, theta: dict, phi: dict, meta: dict) -> None:

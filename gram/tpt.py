@@ -58,7 +58,7 @@ from gram.prompts.encoders import encode_image_prompted, encode_text_embeds, nor
 from gram.prototypes import load_structure
 from gram.regulator import META, load_meta
 from gram.stage import stage_parser, stage_setup
-from gram.tensorio import load_prompt, load_tensors, save_tensors
+from gram.tensorio import DamagedFile, load_prompt, load_tensors, save_tensors
 from gram.tune import frozen_features
 
 log = logging.getLogger("gram.tpt")
@@ -462,10 +462,13 @@ class TestTimeTuner:
         per_batch = self.images_per_batch(len(names))
         cached = None
         if cache is not None and Path(cache).exists():
-            cached = load_tensors(cache)[0]["features"]
-            if cached.shape[:2] != (len(images), cfg.views):
-                raise ValueError(f"{cache}: view features of shape {list(cached.shape)}, expected "
-                                 f"[{len(images)}, {cfg.views}, E]; delete it")
+            try:
+                cached = load_tensors(cache)[0]["features"]
+            except DamagedFile as e:  # a cache: computed afresh (and rewritten) rather than trusted
+                log.warning("%s; computing the view features afresh", e)
+        if cached is not None and cached.shape[:2] != (len(images), cfg.views):
+            raise ValueError(f"{cache}: view features of shape {list(cached.shape)}, expected "
+                             f"[{len(images)}, {cfg.views}, E]; delete it")
         before, after, losses, computed = [], [], [], []
         t = {"views_s": 0.0, "encode_s": 0.0, "tune_s": 0.0}
         bar = tqdm(total=len(images), desc="tpt", unit="img", disable=not progress, mininterval=2.0)

@@ -54,6 +54,13 @@ from gram.tensorio import load_prompt, save_prompt
 log = logging.getLogger("gram.tune")
 
 
+def max_shots(labels: np.ndarray, class_ids: list[int]) -> int:
+    """The largest meaningful `--shots`: the most train images any class of `class_ids` has (with more, every
+    class gives all its images, the subset of this maximum); 0 when the classes have none."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=max(class_ids, default=-1) + 1)
+    return int(counts[class_ids].max()) if len(class_ids) else 0
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: float = 1.0e-5) -> float:
     if step < warmup:
         return warmup_lr
@@ -286,11 +293,20 @@ def run(params, prof, protocol: str, dataset: str, method: str, shots: int, seed
     if not pc.domain:
         raise ValueError("protocols.domain is not set: the domain in which to tune and test")
     data_dir, t0 = Path(data_dir), time.time()
-    bb = load(backbone_dir, prof.backbone.device, prof.backbone.dtype)
     ds = load_dataset(data_dir, dataset)
-    exclude: set[str] = set()
-    if protocol in ("few-shot", "base-to-new"):
+    if tunes:  # checked before the backbone loads: a bad --shots fails at once
         class_ids = list(range(len(ds["classes"]))) if protocol == "few-shot" else ds["base"]
+        most = max_shots(split_index(data_dir, dataset, pc.domain, "train").labels, class_ids)
+        if not 1 <= shots <= most:
+            raise ValueError(f"--shots {shots} is outside the allowed range 1..{most}: training images per class, "
+                             f"at most the most train images any {'base ' if protocol == 'base-to-new' else ''}"
+                             f"class of {dataset} has in domain {pc.domain}")
+    elif shots < 1:
+        raise ValueError(f"--shots {shots} is outside the allowed range (at least 1): the shots of the few-shot "
+                         "prompt to score, one of grid.shots")
+    bb = load(backbone_dir, prof.backbone.device, prof.backbone.dtype, hub=prof.backbone.source == "hub")
+    exclude: set[str] = set()
+    if tunes:
         clf, info = fit(bb, method, m, dataset, pc, shots, seed, data_dir, class_ids, meta_dir)
         if save is not None:
             meta = {"method": method, "method_config": to_dict(m), "dataset": dataset, "domain": pc.domain,
@@ -324,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--protocol", required=True, choices=PROTOCOLS, help="evaluation protocol")
     p.add_argument("--dataset", required=True, help="source dataset (a key of data.datasets)")
     p.add_argument("--method", required=True, help="tuned method (a key of <profile>.methods)")
-    p.add_argument("--shots", required=True, type=int, help="training images per class")
+    p.add_argument("--shots", required=True, type=int, help="training images per class: 1 to the most train "
+                                                            "images any class of the dataset has")
     p.add_argument("--seed", required=True, type=int, help="seed of the subset, the init and the batches")
     p.add_argument("--data", required=True, help="data directory of the profile, e.g. data/emoji")
     p.add_argument("--backbone", required=True, help="backbone directory, e.g. models/emoji/backbone")

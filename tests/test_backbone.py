@@ -97,7 +97,7 @@ def test_encode_images_is_the_tower_on_preprocessed_pixels(tiny_clip_dir):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)cannot load CLIP .no-such-org/no-such-clip.*hf download no-such-org/no-such-clip"):
-        B.load("no-such-org/no-such-clip", "cpu")
+        B.load("no-such-org/no-such-clip", "cpu", hub=True)
 
 
 def test_augment_keeps_range_and_fills_white():

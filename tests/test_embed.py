@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from gram import backbone as B
 from gram import embed as E
+from gram.tensorio import DamagedFile
 from gram.data.shards import iter_samples, load_images, shard_paths
 
 
@@ -74,12 +76,15 @@ def test_bad_inputs_fail_clearly(tmp_path, tiny_clip_dir):
     with pytest.raises(FileNotFoundError, match="no embedding files"):
         E.load_embeddings(tmp_path)
     (tmp_path / "x.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):
+    with pytest.raises(DamagedFile, match=re.escape(str(tmp_path / "x.safetensors")) + ": truncated or damaged .*"
+                                          r"rerun the embed stage"):
         E.load_embeddings(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no config or weights"):
+    with pytest.raises(FileNotFoundError, match="no weights to fingerprint"):
         B.backbone_fingerprint(empty)
+    with pytest.raises(FileNotFoundError, match="backbone directory does not exist"):
+        B.backbone_fingerprint(tmp_path / "nowhere")
 
 
 def test_shards_with_one_name_are_refused(tmp_path, tiny_data, tiny_clip_dir):

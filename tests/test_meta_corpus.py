@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -25,9 +26,10 @@ from gram.tensorio import load_tensors
 from test_meta import stage
 
 
-def eager_corpus(bb, data_dir, keys: list[str], rows, batch_size: int = 256) -> M.Corpus:
+def eager_corpus(bb, data_dir, keys: list[str], rows, batch_size: int = 256, allow_pipe: bool = False) -> M.Corpus:
     """The corpus as the stage built it before it streamed: every shard read whole, the used rows decoded into
-    one pixel tensor [N, 3, crop, crop], their frozen features encoded in row order, `batch_size` at a time."""
+    one pixel tensor [N, 3, crop, crop], their frozen features encoded in row order, `batch_size` at a time
+    (local shard folders only: `allow_pipe` is not used)."""
     where = {k: i for i, k in enumerate(keys)}
     captions, raw, wanted = [""] * len(keys), {}, set(int(r) for r in rows)
     for d in sorted({k.split("/", 1)[0] for k in keys}):
@@ -146,7 +148,10 @@ def test_shards_given_by_address_read_the_same(world, tmp_path):
             (data / "shards" / f"{folder.name}.json").write_text(json.dumps({"spec": str(folder),
                                                                               "shards": [{"url": u} for u in urls]}))
     rows = some_rows(len(keys), 3)
-    by_url = M.load_corpus(bb, data, keys, rows)
+    with pytest.raises(ValueError, match=re.escape(f"{data / 'shards'}") + r".*\.json: shard address 'pipe:cat .*"
+                                         r"data\.paper\.allow_pipe"):
+        M.load_corpus(bb, data, keys, rows)  # a command in a manifest runs only when the params allow it
+    by_url = M.load_corpus(bb, data, keys, rows, allow_pipe=True)
     local = M.load_corpus(bb, world["data"], keys, rows)
     assert by_url.captions == local.captions and torch.equal(by_url.frozen, local.frozen)
     for seed in range(3):

@@ -73,7 +73,7 @@ def test_brace_patterns_lists_and_directories_expand_in_order(tmp_path):
               "pipe:aws s3 cp s3://bucket/{00000..00001}.tar -": ["pipe:aws s3 cp s3://bucket/00000.tar -",
                                                                     "pipe:aws s3 cp s3://bucket/00001.tar -"]}
     for pattern, expected in remote.items():
-        assert expand_shards(pattern) == expected  # remote addresses pass through, expanded
+        assert expand_shards(pattern, allow_pipe=True) == expected  # remote addresses pass through, expanded
         assert [shard_name(u) for u in expected] == ["00000.tar", "00001.tar"]
     assert shard_name(f"file://{tmp_path}/00002.tar") == "00002.tar"
 
@@ -222,7 +222,7 @@ def test_shards_over_http_and_pipes_embed_as_local_ones(tmp_path, http_root, bb,
     local = E.embed_shards(bb, f"{root}/{{00000..00001}}.tar", tmp_path / "local", tiny_clip_dir, batch_size=4)
     remote = E.embed_shards(bb, f"{base}/{{00000..00001}}.tar", tmp_path / "http", tiny_clip_dir, batch_size=4)
     piped = E.embed_shards(bb, [f"pipe:cat {root}/00000.tar", f"pipe:cat {root}/00001.tar"], tmp_path / "pipe",
-                           tiny_clip_dir, batch_size=4)
+                           tiny_clip_dir, batch_size=4, allow_pipe=True)
     assert local["shards"] == remote["shards"] == piped["shards"]
     assert local["shards"]["00000.tar"]["skipped"] == ONE_OF_EACH
     ref = E.load_embeddings(tmp_path / "local")
@@ -235,4 +235,4 @@ def test_shards_over_http_and_pipes_embed_as_local_ones(tmp_path, http_root, bb,
 
     for missing in (f"{base}/00007.tar", f"pipe:cat {root}/00007.tar"):  # curl's 404, cat's missing file
         with pytest.raises(ShardError, match=re.escape(missing) + ": the shard cannot be read .*exit"):
-            E.embed_shards(bb, missing, tmp_path / "missing", tiny_clip_dir)
+            E.embed_shards(bb, missing, tmp_path / "missing", tiny_clip_dir, allow_pipe=True)

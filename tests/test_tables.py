@@ -322,8 +322,7 @@ def test_runs_csv_has_a_row_per_run_and_target(world):
     out, _ = world
     rows = read_csv(out / "runs.csv")
     assert list(rows[0]) == ["protocol", "dataset", "method", "shots", "seed", "subset_hash", "target",
-                             "target_dataset", "target_domain", "n", "n_excluded", "accuracy", "balanced_accuracy",
-                             "wall_time_s"]
+                             "target_dataset", "target_domain", "n", "n_excluded", "accuracy", "balanced_accuracy"]
     n_tuned, n_seeds = len(GRID.tuned), len(GRID.seeds)
     per_protocol = {"few-shot": 1 + len(GRID.shots) * n_tuned * n_seeds,  # zero-shot: one record for every k
                     "base-to-new": 2 * (1 + n_tuned * n_seeds), "cross-dataset": 1 + n_tuned * n_seeds,
@@ -332,10 +331,10 @@ def test_runs_csv_has_a_row_per_run_and_target(world):
     assert len(rows) == sum(per_protocol.values())
     key = ("few-shot", "coop", "1", "2")
     coop = next(r for r in rows if (r["protocol"], r["method"], r["shots"], r["seed"]) == key)
-    assert coop | {"wall_time_s": None} == {
+    assert coop == {
         "protocol": "few-shot", "dataset": "ds", "method": "coop", "shots": "1", "seed": "2", "subset_hash": "h12",
         "target": "all", "target_dataset": "ds", "target_domain": "apple", "n": str(N_TEST), "n_excluded": "0",
-        "accuracy": "0.1500", "balanced_accuracy": "0.3000", "wall_time_s": None}
+        "accuracy": "0.1500", "balanced_accuracy": "0.3000"}
     lp_new = [r for r in rows if (r["protocol"], r["method"], r["target"]) == ("base-to-new", "linear-probe", "new")]
     assert len(lp_new) == n_seeds and all(r["n"] == r["accuracy"] == r["balanced_accuracy"] == "" for r in lp_new)
     zs = next(r for r in rows if (r["protocol"], r["method"]) == ("cross-dataset", "zeroshot"))
@@ -408,3 +407,23 @@ def test_a_transfer_dataset_outside_the_grid_is_refused_even_without_tuned_metho
     raw["grid"].update(tuned=[], transfer={"dataset": "group", "shots": 16})
     with pytest.raises(C.ConfigError, match="`grid.transfer.dataset` = 'group' is not in grid.datasets"):
         C.from_dict(raw)
+
+
+def test_wall_times_stay_out_of_the_tables(tmp_path):
+    """The tables of two runs that differ only in wall times are byte-equal; `run_times` has the times."""
+    outs = []
+    for i, wall in enumerate((1.5, 99.25)):
+        eval_dir, runs_dir = write_world(tmp_path / f"w{i}")
+        for f in runs_dir.rglob("*.json"):
+            rec = json.loads(f.read_text())
+            write_json(f, rec | {"wall_time_s": wall})
+        T.run(GRID, PROF, eval_dir, runs_dir, tmp_path / f"out{i}")
+        outs.append(tmp_path / f"out{i}")
+        times = T.run_times(GRID, PROF, eval_dir, runs_dir)
+        assert ("tune", "few-shot/ds/coop/k1-s2", wall) in times and ("evaluate", "few-shot/ds/zeroshot/k0", 0.5) in times
+        runs = {(r["protocol"], r["method"], r["shots"], r["seed"]) for r in read_csv(outs[-1] / "runs.csv")}
+        assert len(times) == len(runs)  # one time per run, not per target
+    for f in OUTPUTS:
+        if not f.endswith(".png"):
+            assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+

@@ -178,7 +178,8 @@ class LazyPixels:
         return np.where(idx < 0, idx + n, idx)
 
 
-def locate_pairs(data_dir: str | Path, keys: list[str], rows) -> tuple[list[str], list[str], dict, dict, int]:
+def locate_pairs(data_dir: str | Path, keys: list[str], rows, allow_pipe: bool = False
+                 ) -> tuple[list[str], list[str], dict, dict, int]:
     """Where the pairs `keys` (hierarchy order, `<domain>/<key>`) of `rows` lie in the corpus shards.
 
     A key found in several shards is taken from the last, as a sample is taken only with an image and a
@@ -201,7 +202,7 @@ def locate_pairs(data_dir: str | Path, keys: list[str], rows) -> tuple[list[str]
     raw: dict[int, tuple[int, bytes]] = {}  # row -> (shard, image bytes): the shards that cannot be sought
     streamed = 0
     for d in sorted({k.split("/", 1)[0] for k in keys}):
-        for url in corpus_shards(data_dir, d):
+        for url in corpus_shards(data_dir, d, allow_pipe):
             s = len(shards)
             shards.append(str(local_path(url)) if is_local(url) else url)
             samples = None

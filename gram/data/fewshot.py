@@ -41,7 +41,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -263,9 +263,36 @@ def read(root: str | Path, name: str, split: str, check_files: bool = True) -> L
         paths, labels, classes, ids, source = _aircraft(spec, ds_dir, split)
     else:
         paths, labels, classes, ids, source = _class_folders(root, ds_dir, image_dir, spec, split)
-    if check_files and spec.format in ("zhou", "aircraft"):
-        _check_present(image_dir, paths, source)
+    if spec.format in ("zhou", "aircraft"):
+        paths = _inside(image_dir, paths, source)
+        if check_files:
+            _check_present(image_dir, paths, source)
     return Listing(name, split, image_dir, paths, np.asarray(labels, dtype=np.int64), classes, source, ids)
+
+
+def _inside(image_dir: Path, paths: list[str], source: str) -> list[str]:
+    """The listed paths, each relative to `image_dir` and inside it, judged by its text (the image folder may be
+    a link to another disk): a `..` that climbs out of it, or an absolute path elsewhere, is an error naming the
+    split file and the entry. An absolute path inside `image_dir` becomes relative (keys do not depend on where
+    the data root is)."""
+    out = []
+    for i, p in enumerate(paths):
+        pure = PurePosixPath(p)
+        if pure.is_absolute():
+            try:
+                p = Path(p).relative_to(image_dir).as_posix()
+            except ValueError:
+                raise ValueError(f"{source}: entry {i} ({pure.as_posix()!r}) is an absolute path outside the image "
+                                 f"folder {image_dir}; split files list paths relative to it") from None
+            pure = PurePosixPath(p)
+        depth = 0
+        for part in pure.parts:
+            depth += -1 if part == ".." else part != "."
+            if depth < 0:
+                raise ValueError(f"{source}: entry {i} ({paths[i]!r}) climbs out of the image folder {image_dir} "
+                                 "with `..`; split files list paths inside it")
+        out.append(p)
+    return out
 
 
 def _check_present(image_dir: Path, paths: list[str], source: str) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from gram.config import DataParams
 from gram.data import fetch
 from gram.data.fewshot import SPECS, DatasetMissing, Listing, read
-from gram.data.shards import expand_shards, is_local, local_path
+from gram.data.shards import expand_shards, is_local, local_path, refuse_pipes
 from gram.io import atomic_dir, read_json, write_json
 
 log = logging.getLogger("gram.data.paper")
@@ -136,10 +136,11 @@ def ensure_present(cfg: DataParams, names: list[str]) -> dict[str, dict]:
     return records
 
 
-def corpus_manifest(domain: str, spec) -> dict:
-    """The resolved shard list of one corpus domain; a local shard that is absent is an error naming it."""
+def corpus_manifest(domain: str, spec, allow_pipe: bool = False) -> dict:
+    """The resolved shard list of one corpus domain; a local shard that is absent is an error naming it, and so
+    is a `pipe:` address unless `allow_pipe` (`data.paper.allow_pipe`)."""
     shards = []
-    for url in expand_shards(spec):
+    for url in refuse_pipes(expand_shards(spec, allow_pipe=True), allow_pipe, f"data.paper.corpus.{domain}"):
         entry = {"url": url}
         if is_local(url):
             path = local_path(url)
@@ -168,7 +169,8 @@ def run(cfg: DataParams, out_dir: str | Path) -> dict:
     if unknown:
         raise ValueError(f"data.datasets names {unknown}; the paper profile reads {', '.join(SPECS)}")
     names = [n for name, d in cfg.datasets.items() for n in [name, *d.shifts]]
-    manifests = {d: corpus_manifest(d, corpus_spec(cfg, d)) for d in cfg.vendors.meta}  # cheap errors first
+    manifests = {d: corpus_manifest(d, corpus_spec(cfg, d), cfg.paper.allow_pipe)  # cheap errors first
+                 for d in cfg.vendors.meta}
     fetched = ensure_present(cfg, list(dict.fromkeys(names)))
     root = Path(cfg.paper.root)
     record = {"source": "paper", "root": str(root), "datasets": {}, "fetch": fetched, "corpus": {}}

@@ -9,7 +9,9 @@ Reading a web-scale corpus (`expand_shards`, `ShardPairs`): shards are addressed
 `file:` URL, or anything webdataset's `gopen` opens: `http(s)://`, `sftp://`, `ftps://`, `scp://`
 (through curl), `gs://` (through gsutil), `ais://` and `pipe:COMMAND` (the command's stdout is the
 tar). `s3://bucket/key.tar` is read through `pipe:aws s3 cp s3://bucket/key.tar -`, the recipe of
-webdataset's documentation, so it needs the AWS CLI. A sample without an image or a caption, or whose
+webdataset's documentation, so it needs the AWS CLI. A `pipe:` address runs a command, so shard lists
+(`expand_shards`) and corpus manifests (`corpus_shards`) refuse one unless the caller allows it
+(`data.paper.allow_pipe: true`; s3:// addresses need no opt-in). A sample without an image or a caption, or whose
 image does not decode, is skipped and counted by reason (`SKIP_REASONS`); a shard that cannot be read
 as a tar at all (missing, not a tar, truncated, a damaged header) raises `ShardError` naming it.
 """
@@ -108,13 +110,28 @@ def shard_name(url: str) -> str:
     return PurePosixPath(urlparse(url).path).name
 
 
-def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
+PIPE_KEY = "data.paper.allow_pipe"  # the params key that opts in to `pipe:` shard addresses
+
+
+def refuse_pipes(urls: list[str], allow_pipe: bool, where: str) -> list[str]:
+    """`urls`, unless one is a `pipe:COMMAND` address and `allow_pipe` is false: then a ValueError naming it,
+    `where` it came from and the key that allows it."""
+    if not allow_pipe:
+        for url in urls:
+            if url.startswith("pipe:"):
+                raise ValueError(f"{where}: shard address {url!r} runs a command (pipe:), which is refused unless "
+                                 f"{PIPE_KEY} is true")
+    return urls
+
+
+def expand_shards(spec: str | Path | Sequence[str | Path], allow_pipe: bool = False) -> list[str]:
     """The shard addresses of a brace pattern, a directory, or a list of these, in order.
 
     Args:
         spec: `data/cc3m/{00000..00331}.tar`, `https://host/cc3m/{00000..00331}.tar`,
             `pipe:aws s3 cp s3://bucket/{00000..00331}.tar -`, a directory (its `*.tar`, sorted), one path,
             or a list of any of these (expanded one after the other, order kept).
+        allow_pipe: accept `pipe:COMMAND` addresses (otherwise an error names the first; `refuse_pipes`).
     Returns:
         Local paths and URLs as strings; URLs pass through untouched (see the module docstring for which
         schemes open). An error names `spec` when nothing is left.
@@ -131,15 +148,16 @@ def expand_shards(spec: str | Path | Sequence[str | Path]) -> list[str]:
                 urls.append(url)
     if not urls:
         raise FileNotFoundError(f"{spec}: names no shards")
-    return urls
+    return refuse_pipes(urls, allow_pipe, str(spec))
 
 
-def corpus_shards(data_dir: str | Path, domain: str) -> list[str]:
+def corpus_shards(data_dir: str | Path, domain: str, allow_pipe: bool = False) -> list[str]:
     """The shards of one corpus domain as the download stage published them.
 
     `<data_dir>/shards/<domain>/` holds the emoji profile's tar files; the paper profile's download
     stage writes a manifest `<data_dir>/shards/<domain>.json` (`{"spec": ..., "shards": [{"url": ...}]}`)
-    that resolves `data.paper.corpus` once, so every later stage reads the same shard list.
+    that resolves `data.paper.corpus` once, so every later stage reads the same shard list. A `pipe:`
+    address in it is an error naming the manifest unless `allow_pipe` (`data.paper.allow_pipe`).
     """
     folder = Path(data_dir) / "shards" / domain
     manifest = folder.with_name(f"{domain}.json")
@@ -151,7 +169,7 @@ def corpus_shards(data_dir: str | Path, domain: str) -> list[str]:
         urls = [s["url"] for s in json.loads(manifest.read_text())["shards"]]
         if not urls:
             raise FileNotFoundError(f"{manifest}: lists no shards of corpus domain {domain!r}")
-        return urls
+        return refuse_pipes(urls, allow_pipe, str(manifest))
     raise FileNotFoundError(f"{folder}: no shards of corpus domain {domain!r} (neither a folder nor "
                             f"{manifest.name}; did the download stage run?)")
 

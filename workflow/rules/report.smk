@@ -74,6 +74,7 @@ rule report:
             caption="../report/meta_training.rst",
             category="Meta-training",
         ),
+        timings="results/{profile}/timings.csv",
     log:
         "logs/{profile}/report.log",
     conda:

@@ -67,6 +67,7 @@ rule tpt_report:
             caption="../report/test_time.rst",
             category="Test-time tuning",
         ),
+        timings="results/{profile}/test_time_timings.csv",
     log:
         "logs/{profile}/tpt-report.log",
     conda:
