@@ -491,6 +491,7 @@ def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path |
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("backbone", __doc__)
     p.add_argument("--data", default=None, help="data directory of the profile (for source: pretrain)")
@@ -498,3 +499,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.backbone, prof.data.vendors.pretrain, args.data, args.out)
+    write_manifest(args.out)

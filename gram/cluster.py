@@ -742,6 +742,7 @@ def load_chc(chc_dir: str | Path) -> tuple[Hierarchy, list[str], dict[str, torch
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("cluster", __doc__)
     p.add_argument("--data", required=True, help="data directory of the profile (shards: ground truth)")
@@ -750,3 +751,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.cluster, prof.data.vendors.meta, args.data, args.embed, args.out, prof.backbone.device)
+    write_manifest(args.out)

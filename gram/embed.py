@@ -462,6 +462,7 @@ def run(cfg, backbone_cfg, domains: list[str], data_dir: str | Path, model_dir: 
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("embed", __doc__)
     p.add_argument("--data", required=True, help="data directory of the profile, e.g. data/emoji")
@@ -470,3 +471,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.embed, prof.backbone, prof.data.vendors.meta, args.data, args.backbone, args.out)
+    write_manifest(args.out)

@@ -224,6 +224,7 @@ def run(cfg: EvaluateParams, method: str, data_dir: str | Path, backbone_dir: st
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("evaluate", __doc__)
     p.add_argument("--method", required=True, choices=METHODS, help="method to score")
@@ -234,3 +235,4 @@ def main(argv: list[str] | None = None) -> None:
     params, prof = stage_setup(args)
     run(prof.evaluate, args.method, args.data, args.backbone, args.out, prof.backbone.device, prof.backbone.dtype,
         params.grid, prof.protocols)
+    write_manifest(args.out)

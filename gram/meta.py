@@ -744,6 +744,7 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("meta", __doc__)
     p.add_argument("--recipe", required=True, help="meta-training recipe (a key of <profile>.meta)")
@@ -774,5 +775,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(prof, args.recipe, args.data, args.chc, args.tasks, args.backbone, args.out,
             prototypes_dir=args.prototypes, world=world)
+        if world.main:
+            write_manifest(args.out)
     finally:
         distributed.close(world)

@@ -118,6 +118,7 @@ def run(cfg, domains: list[str], embed_dir: str | Path, chc_dir: str | Path, out
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("prototypes", __doc__)
     p.add_argument("--embed", required=True, help="embeddings of the embed stage, e.g. data/emoji/embed")
@@ -126,3 +127,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.prototypes, prof.data.vendors.meta, args.embed, args.chc, args.out)
+    write_manifest(args.out)

@@ -220,6 +220,7 @@ def load_tasks(out: str | Path, variant: str = "default") -> tuple[Tasks, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("tasks", __doc__)
     p.add_argument("--chc", required=True, help="output directory of the cluster stage, e.g. data/emoji/chc")
@@ -227,3 +228,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.tasks, args.chc, args.out)
+    write_manifest(args.out)

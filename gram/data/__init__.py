@@ -170,9 +170,12 @@ def run(cfg: DataParams, out_dir: str | Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     from gram.cli import stage_parser, stage_setup
+    from gram.io import write_manifest
 
     p = stage_parser("download", __doc__)
     p.add_argument("--out", required=True, help="data directory of the profile, e.g. data/emoji")
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.data, args.out)
+    for name in ("shards", "datasets"):
+        write_manifest(Path(args.out) / name)

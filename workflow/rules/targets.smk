@@ -54,20 +54,21 @@ def run_files(wildcards):
 
 
 def eval_dirs(wildcards):
-    return expand(
-        "results/{profile}/eval/{method}",
-        profile=wildcards.profile,
-        method=config["grid"]["methods"],
-    )
+    """The zero-shot evaluations of grid.methods, each with its manifest."""
+    return [
+        p
+        for m in config["grid"]["methods"]
+        for p in with_manifest(f"results/{wildcards.profile}/eval/{m}")
+    ]
 
 
 def meta_dirs(wildcards):
     """The meta-training outputs of grid.meta (the report's meta-training table)."""
-    return expand(
-        "models/{profile}/meta/{recipe}",
-        profile=wildcards.profile,
-        recipe=config["grid"].get("meta", []),
-    )
+    return [
+        p
+        for r in config["grid"].get("meta", [])
+        for p in with_manifest(f"models/{wildcards.profile}/meta/{r}")
+    ]
 
 
 def tpt_entries():
@@ -85,7 +86,7 @@ def tpt_input(wildcards):
     if src is None:
         return []
     if src[0] == "meta":
-        return [f"models/{wildcards.profile}/meta/{src[1]}"]
+        return with_manifest(f"models/{wildcards.profile}/meta/{src[1]}")
     tr = config["grid"]["transfer"]
     return [
         f"models/{wildcards.profile}/prompts/{tr['dataset']}/{src[1]}/k{tr['shots']}-s{wildcards.seed}.safetensors"
