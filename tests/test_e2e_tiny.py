@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import dump_params_yaml, load_params_yaml
 from test_pipeline_parity import copy_project, run
 
 pytestmark = pytest.mark.slow
@@ -35,26 +36,31 @@ TUNED_JOBS = 4 * 2 * 2 + 4 * 2 + 2 * 4 * 2  # few-shot + base-to-new + transfer
 TABLES = ["few_shot", "base_to_new", "cross_dataset", "domain_generalisation"]
 
 
-def edit_tiny(params: Path, pattern: str, repl: str) -> None:
-    """Substitute once inside the `tiny:` section of params.yaml (the test fails if nothing matched)."""
-    text = params.read_text()
-    tiny = text.index("\ntiny:")
-    head, tail = text[:tiny], text[tiny:]
-    tail, n = re.subn(pattern, repl, tail, count=1)
-    assert n == 1, pattern
-    params.write_text(head + tail)
+def edit_tiny(params: Path, edit) -> None:
+    """Apply `edit` to the `tiny:` section of params.yaml: load, edit the mapping, dump."""
+    raw = load_params_yaml(params)
+    edit(raw["tiny"])
+    dump_params_yaml(params, raw)
 
 
 def bump_tiny_steps(params: Path) -> None:
-    edit_tiny(params, r"(\n      steps: )30\b", r"\g<1>31")
+    def edit(tiny):
+        assert tiny["backbone"]["pretrain"]["steps"] == 30
+        tiny["backbone"]["pretrain"]["steps"] = 31
+
+    edit_tiny(params, edit)
 
 
 def bump_coop_lr(params: Path) -> None:
-    edit_tiny(params, r"(\n    coop: \{kind: coop, init: \"a \{\} emoji\", optimizer: adam, lr: )2.0e-3", r"\g<1>3.0e-3")
+    def edit(tiny):
+        assert tiny["methods"]["coop"]["lr"] == 2.0e-3
+        tiny["methods"]["coop"]["lr"] = 3.0e-3
+
+    edit_tiny(params, edit)
 
 
 def set_tiny_task_seed(params: Path, seed: int) -> None:
-    edit_tiny(params, r"(\n  tasks: \{.*seed: )[0-9]+,", rf"\g<1>{seed},")
+    edit_tiny(params, lambda tiny: tiny["tasks"].update(seed=seed))
 
 
 STRUCTURE = ["data/tiny/chc/hierarchy.safetensors", "data/tiny/chc/keys.txt", "data/tiny/tasks/tasks.safetensors",

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, params_with
+from conftest import TINY_PARAMS, params_with
 from gram import cli
 from gram import config as C
 from gram import meta as M
 from gram.backbone import load
 from gram.tune import frozen_features, make_learner, tune
 
-PARAMS = str(ROOT / "params.yaml")
+PARAMS = TINY_PARAMS
 CAPTIONS = ["bright smiling circle face", "calm affection square", "round smiling circle", "tall affection square",
             "small smiling circle bright", "big affection square calm", "happy smiling circle", "quiet affection square"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fake_npm
-from conftest import ROOT, params_with
+from conftest import TINY_PARAMS, params_with
 from gram import cli
 from gram import config as C
 from gram import tpt as T
@@ -19,7 +19,7 @@ from gram.backbone import load, preprocess
 from gram.regulator import Regulators, StructureContext
 from gram.tune import make_learner
 
-PARAMS = str(ROOT / "params.yaml")
+PARAMS = TINY_PARAMS
 NAMES = [e["label"] for e in fake_npm.EMOJIS][:6] + ["circle", "tall affection square big calm"]
 
 

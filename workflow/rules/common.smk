@@ -59,7 +59,7 @@ def stage_log(name):
 def _supplied(name, kind, want, given):
     if set(want) - set(given):
         raise ValueError(
-            f"rule {name}: gram/stages.py needs {kind} {sorted(set(want) - set(given))}"
+            f"the rule of stage {name!r} lacks the {kind} {sorted(set(want) - set(given))} that gram/stages.py needs"
         )
 
 
@@ -96,6 +96,12 @@ def _section_of(key):
     return lambda wildcards: _walk(
         config[wildcards.profile], key.format(**wildcards).split(".")
     )
+
+
+def report_entry(name, category, subcategory=None):
+    """What `snakemake --report` shows of an output: its caption file and category."""
+    extra = {"subcategory": subcategory} if subcategory else {}
+    return dict(caption=f"../report/{name}.rst", category=category, **extra)
 
 
 def stage_outputs(name, **reports):

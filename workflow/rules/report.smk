@@ -1,24 +1,19 @@
 # The result tables and plots (gram/report.py, gram/tables.py); the report entries of `snakemake
 # --report` are the outputs named here with their caption and category.
-def _entry(name, category, subcategory=None):
-    extra = {"subcategory": subcategory} if subcategory else {}
-    return dict(caption=f"../report/{name}.rst", category=category, **extra)
-
-
 REPORT = {
-    "zero_shot_csv": _entry("zero_shot", "Zero-shot"),
-    "zero_shot_png": _entry("zero_shot", "Zero-shot"),
-    "backbone_png": _entry("backbone", "Backbone"),
-    "few_shot_csv": _entry("few_shot", "Protocols", "Few-shot"),
-    "few_shot_png": _entry("few_shot", "Protocols", "Few-shot"),
-    "base_to_new_csv": _entry("base_to_new", "Protocols", "Base-to-new"),
-    "cross_dataset_csv": _entry("cross_dataset", "Protocols", "Cross-dataset"),
-    "domain_generalisation_csv": _entry(
+    "zero_shot_csv": report_entry("zero_shot", "Zero-shot"),
+    "zero_shot_png": report_entry("zero_shot", "Zero-shot"),
+    "backbone_png": report_entry("backbone", "Backbone"),
+    "few_shot_csv": report_entry("few_shot", "Protocols", "Few-shot"),
+    "few_shot_png": report_entry("few_shot", "Protocols", "Few-shot"),
+    "base_to_new_csv": report_entry("base_to_new", "Protocols", "Base-to-new"),
+    "cross_dataset_csv": report_entry("cross_dataset", "Protocols", "Cross-dataset"),
+    "domain_generalisation_csv": report_entry(
         "domain_generalisation", "Protocols", "Domain generalisation"
     ),
-    "clustering_csv": _entry("clustering", "Meta-training data"),
-    "clustering_png": _entry("clustering", "Meta-training data"),
-    "meta_training_png": _entry("meta_training", "Meta-training"),
+    "clustering_csv": report_entry("clustering", "Meta-training data"),
+    "clustering_png": report_entry("clustering", "Meta-training data"),
+    "meta_training_png": report_entry("meta_training", "Meta-training"),
 }
 
 

@@ -1,7 +1,7 @@
 # Test-time tuning (gram/tpt.py): one job per (dataset, test-time method, seed) of grid.tpt, scoring
 # every domain of <profile>.tpt.domains. A method that starts from a few-shot-tuned prompt reads the
 # few-shot prompt of grid.transfer (same seed); a GRAM one reads its recipe's meta-training output.
-TEST_TIME = dict(caption="../report/test_time.rst", category="Test-time tuning")
+TEST_TIME = report_entry("test_time", "Test-time tuning")
 
 
 rule tpt:
