@@ -157,17 +157,24 @@ def verify_manifest(path: str | Path) -> str | None:
 
 
 def drop_stale_manifests(patterns: list[str], root: str | Path = ".") -> list[str]:
-    """Verify every manifest matching the glob `patterns` under `root`; remove those that no longer match
-    their directory (so that Snakemake sees the output missing and reruns the stage that writes it) and
-    warn on stderr, one line each. Returns the reasons."""
+    """Verify every manifest matching the glob `patterns` under `root`; for each that no longer matches its
+    directory, warn on stderr (one line), remove it and mark the directory as just changed. Snakemake then
+    reruns the stage that writes it: a missing output reruns a job only when a job that needs it reruns
+    (or it is a target), and the jobs reading the directory rerun because it is newer than their outputs
+    (its mtime is `.snakemake_timestamp`'s, which Snakemake writes into directory outputs). Returns the reasons."""
     root, out = Path(root), []
     for pattern in patterns:
         for path in sorted(root.glob(pattern)):
             why = verify_manifest(path)
-            if why is not None:
-                path.unlink(missing_ok=True)
-                print(f"gram: {why}: removed {path} so that the stage that writes it reruns", file=sys.stderr)
-                out.append(why)
+            if why is None:
+                continue
+            path.unlink(missing_ok=True)
+            directory = path.with_name(path.name[: -len(MANIFEST_SUFFIX)])
+            for marker in (directory / ".snakemake_timestamp", directory):
+                if marker.exists():
+                    os.utime(marker)
+            print(f"gram: {why}: removed {path}, the stage that writes it reruns", file=sys.stderr)
+            out.append(why)
     return out
 
 

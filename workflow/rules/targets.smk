@@ -118,8 +118,17 @@ def report_targets():
     out += [f"results/{PROFILE}/{name}.md" for name in PROTOCOL_TABLES]
     out += [f"results/{PROFILE}/clustering.{ext}" for ext in ("md", "csv", "png")]
     out += [f"results/{PROFILE}/meta_training.{ext}" for ext in ("md", "png")]
-    out += [f"models/{PROFILE}/meta/{r}" for r in config["grid"].get("meta", [])]
+    out += [
+        m
+        for r in config["grid"].get("meta", [])
+        for m in with_manifest(f"models/{PROFILE}/meta/{r}")
+    ]
     t = config["grid"].get("tpt", {})
     if t.get("datasets") and tpt_entries():
         out += [f"results/{PROFILE}/test_time.{ext}" for ext in ("md", "csv", "png")]
-    return out + [f"data/{PROFILE}/tasks", f"data/{PROFILE}/prototypes"]
+    # directory targets with their manifests: a changed directory reruns the stage that writes it
+    return (
+        out
+        + with_manifest(f"data/{PROFILE}/tasks")
+        + with_manifest(f"data/{PROFILE}/prototypes")
+    )
