@@ -37,7 +37,7 @@ from gram.config import AugmentParams, BackboneParams, CaptionParams, PretrainPa
 from gram.data.names import words
 from gram.data.shards import iter_samples, load_images, shard_paths
 from gram.images import ImageSpec, image_spec, normalize_pixels, preprocess
-from gram.io import atomic_dir, check_finite, config_digest, file_sha256, write_json
+from gram.io import atomic_dir, check_finite, config_digest, file_sha256, write_json, write_manifest
 from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.backbone")
@@ -516,3 +516,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.backbone, prof.data.vendors.pretrain, args.data, args.out)
+    write_manifest(args.out)

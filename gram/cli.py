@@ -31,6 +31,7 @@ STAGES = {
     "report": ("gram.report", "render the result tables and plots"),
     "tpt-report": ("gram.report:main_tpt", "render the test-time table of grid.tpt"),
     "schema": ("gram.schema", "write the JSON schema of params.yaml (for Snakemake)"),
+    "dvc": ("gram.stages", "write dvc.yaml from the stage table (gram/stages.py)"),
     "check-data": ("gram.data.check", "check that the paper profile's datasets are in place and readable"),
     "fetch-data": ("gram.data.fetch", "download one paper-profile dataset into CoOp's layout (checksummed)"),
     "img2dataset": ("gram.data.img2dataset", "build the corpus shards from a caption/URL table (opt-in, resumable)"),

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from gram.backbone import resolve_device
 from gram.data.shards import iter_samples, shard_paths
 from gram.embed import load_embeddings
-from gram.io import atomic_dir, write_json, write_text
+from gram.io import atomic_dir, write_json, write_manifest, write_text
 from gram.stage import stage_parser, stage_setup
 from gram.tensorio import load_tensors, save_tensors
 
@@ -746,3 +746,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.cluster, prof.data.vendors.meta, args.data, args.embed, args.out, prof.backbone.device)
+    write_manifest(args.out)

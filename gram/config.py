@@ -6,7 +6,10 @@
     grid: {...}               # what the evaluate and tune stages fan out over (the active profile's)
     emoji: {data, backbone, evaluate, protocols, methods, embed, cluster, tasks, prototypes}
     paper: {...}
-    tiny:  {...}
+
+A file holds some of the known profiles (PROFILES): the user's params.yaml has emoji and paper; the
+test profiles tiny and paper_smoke live in tests/params/<profile>.yaml, each a complete params file.
+Asking for a profile that the file does not define is an error naming the file.
 
 Each stage receives only its own section (e.g. `BackboneParams`). Unknown keys, wrong types and
 out-of-range values raise `ConfigError` naming the file and the dotted key.
@@ -689,16 +692,25 @@ class GridParams(Section):
 class Params(Section):
     profile: Literal["emoji", "demo", "paper", "tiny", "paper_smoke"] = _f("emoji", help="active profile")
     grid: GridParams = _f(factory=GridParams, help="evaluation fan-out shared by all profiles")
-    emoji: ProfileParams = _f(factory=ProfileParams, help="laptop-sized emoji world")
-    demo: ProfileParams = _f(factory=ProfileParams, help="the emoji world with demo budgets and grid (`make demo`)")
-    paper: ProfileParams = _f(factory=ProfileParams, help="the paper's setup (real CLIP, CC3M, 11 datasets)")
-    tiny: ProfileParams = _f(factory=ProfileParams, help="seconds-sized profile for tests")
-    paper_smoke: ProfileParams = _f(factory=ProfileParams, help="the paper profile's code path on tiny fake data "
-                                                                "(tests/fake_paper.py), for CI")
+    emoji: Optional[ProfileParams] = _f(None, help="laptop-sized emoji world")
+    demo: Optional[ProfileParams] = _f(None, help="the emoji world with demo budgets and its own grid (`make demo`)")
+    paper: Optional[ProfileParams] = _f(None, help="the paper's setup (real CLIP, CC3M, 11 datasets)")
+    tiny: Optional[ProfileParams] = _f(None, help="seconds-sized profile for tests (tests/params/tiny.yaml)")
+    paper_smoke: Optional[ProfileParams] = _f(None, help="the paper profile's code path on tiny fake data "
+                                                         "(tests/fake_paper.py), for CI (tests/params/paper_smoke.yaml)")
+
+    def defined(self) -> list[str]:
+        """The profiles this file defines."""
+        return [name for name in PROFILES if getattr(self, name) is not None]
 
     def active(self, profile: str | None = None) -> ProfileParams:
         """The section of `profile` (default: the `profile:` key)."""
-        return getattr(self, profile or self.profile)
+        name = profile or self.profile
+        section = getattr(self, name)
+        if section is None:
+            raise ConfigError(f"profile {name!r} is not defined in this params file (it defines "
+                              f"{', '.join(self.defined()) or 'none'})")
+        return section
 
     def grid_of(self, profile: str | None = None) -> GridParams:
         """The fan-out of `profile`: its own `grid` when it has one, else the top-level `grid`."""
@@ -827,7 +839,10 @@ def _check_profile(obj: ProfileParams, prefix: str, where: str) -> None:
 
 
 def _check_params(obj: Params, where: str) -> None:
-    """The checks of the whole file: the active profile's grid."""
+    """The checks of the whole file: the active profile exists here, and its grid."""
+    if getattr(obj, obj.profile) is None:
+        raise ConfigError(f"{where}: `profile: {obj.profile}` names a profile this file does not define (it "
+                          f"defines {', '.join(obj.defined()) or 'none'}; the test profiles are in tests/params/)")
     own = obj.active().grid
     if own is not None and own != obj.grid:
         raise ConfigError(f"{where}: `grid` differs from `{obj.profile}.grid`, the active profile's own grid: "
@@ -974,6 +989,9 @@ def load(path: str | Path = "params.yaml", profile: str | None = None) -> tuple[
     params = from_dict(read_yaml(path), str(path))
     if profile is not None and profile not in PROFILES:
         raise ConfigError(f"{path}: unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+    if profile is not None and getattr(params, profile) is None:
+        raise ConfigError(f"{path}: profile {profile!r} is not defined in this file (it defines "
+                          f"{', '.join(params.defined())}; the test profiles are in tests/params/)")
     if profile is not None and profile != params.profile and params.active(profile).grid is not None:
         params = dataclasses.replace(params, grid=params.grid_of(profile))  # as Snakemake's --config profile=
         check_grid(params, profile, str(path))

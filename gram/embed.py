@@ -52,7 +52,7 @@ from gram import backbone as B
 from gram.backbone import backbone_fingerprint
 from gram.data.shards import (SKIP_REASONS, ShardError, ShardPairs, corpus_shards, decode_rgb, expand_shards,
                               is_local, local_path, shard_name)
-from gram.io import atomic_dir, file_sha256, job_threads, write_json
+from gram.io import atomic_dir, file_sha256, job_threads, write_json, write_manifest
 from gram.stage import stage_parser, stage_setup
 from gram.tensorio import load_tensors, save_tensors
 
@@ -427,3 +427,4 @@ def main(argv: list[str] | None = None) -> None:
     _, prof = stage_setup(args)
     run(prof.embed, prof.backbone, prof.data.vendors.meta, args.data, args.backbone, args.out,
         prof.data.paper.allow_pipe)
+    write_manifest(args.out)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from gram.backbone import load
 from gram.config import EvaluateParams, to_dict
 from gram.data.datasets import dataset_domains, load_dataset, split_images
-from gram.io import atomic_dir, write_json
+from gram.io import atomic_dir, write_json, write_manifest
 from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.evaluate")
@@ -226,3 +226,4 @@ def main(argv: list[str] | None = None) -> None:
     params, prof = stage_setup(args)
     run(prof.evaluate, args.method, args.data, args.backbone, args.out, prof.backbone.device, prof.backbone.dtype,
         params.grid, prof.protocols, prof.backbone.source == "hub")
+    write_manifest(args.out)

@@ -176,6 +176,91 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------------------------
+# directory manifests: what a stage wrote into a directory output, by content
+# --------------------------------------------------------------------------------------------
+MANIFEST_SUFFIX = ".manifest.json"  # the manifest of directory D is the file D + this, beside D
+MANIFEST_SKIP = {".snakemake_timestamp"}  # written into directory outputs by Snakemake after the job
+
+
+def manifest_path(directory: str | Path) -> Path:
+    """Where the manifest of `directory` lives: `data/x/shards` -> `data/x/shards.manifest.json`."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + MANIFEST_SUFFIX)
+
+
+def _files(directory: Path) -> dict[str, os.stat_result]:
+    out = {}
+    for root, dirs, names in os.walk(directory):
+        dirs.sort()
+        for name in sorted(names):
+            if name not in MANIFEST_SKIP:
+                p = Path(root) / name
+                out[p.relative_to(directory).as_posix()] = p.stat()
+    return out
+
+
+def write_manifest(directory: str | Path) -> Path:
+    """Write `directory`'s manifest (sha256, size and mtime_ns of every file under it), atomically, and
+    return its path. Each stage calls it at its end for every directory it outputs: Snakemake depends on
+    the manifest, and `verify_manifest` tells when the directory no longer holds what the stage wrote."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory to write a manifest of")
+    files = {rel: {"sha256": file_sha256(directory / rel), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+             for rel, st in _files(directory).items()}
+    path = manifest_path(directory)
+    write_json(path, {"directory": directory.name, "files": files})
+    return path
+
+
+def verify_manifest(path: str | Path) -> str | None:
+    """None when the directory beside manifest `path` holds what the manifest lists; else why not (one
+    line naming the first changed file). Files whose size and mtime_ns match are not hashed again."""
+    path = Path(path)
+    directory = path.with_name(path.name[: -len(MANIFEST_SUFFIX)])
+    try:
+        listed = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: unreadable manifest ({e})"
+    if not directory.is_dir():
+        return f"{directory}: missing"
+    found = _files(directory)
+    for rel in sorted(set(listed) | set(found)):
+        want, st = listed.get(rel), found.get(rel)
+        if st is None:
+            return f"{directory / rel}: deleted"
+        if want is None:
+            return f"{directory / rel}: added"
+        if st.st_size != want["size"]:
+            return f"{directory / rel}: size {want['size']} -> {st.st_size}"
+        if st.st_mtime_ns != want["mtime_ns"] and file_sha256(directory / rel) != want["sha256"]:
+            return f"{directory / rel}: content changed (sha256)"
+    return None
+
+
+def drop_stale_manifests(patterns: list[str], root: str | Path = ".") -> list[str]:
+    """Verify every manifest matching the glob `patterns` under `root`; for each that no longer matches its
+    directory, warn on stderr (one line), remove it and mark the directory as just changed. Snakemake then
+    reruns the stage that writes it: a missing output reruns a job only when a job that needs it reruns
+    (or it is a target), and the jobs reading the directory rerun because it is newer than their outputs
+    (its mtime is `.snakemake_timestamp`'s, which Snakemake writes into directory outputs). Returns the reasons."""
+    root, out = Path(root), []
+    for pattern in patterns:
+        for path in sorted(root.glob(pattern)):
+            why = verify_manifest(path)
+            if why is None:
+                continue
+            path.unlink(missing_ok=True)
+            directory = path.with_name(path.name[: -len(MANIFEST_SUFFIX)])
+            for marker in (directory / ".snakemake_timestamp", directory):
+                if marker.exists():
+                    os.utime(marker)
+            print(f"gram: {why}: removed {path}, the stage that writes it reruns", file=sys.stderr)
+            out.append(why)
+    return out
+
+
 class StderrHandler(logging.StreamHandler):
     """A stream handler writing to whatever `sys.stderr` is when a record is emitted, not to the stream of
     set-up time (which a caller that redirects stderr, or a test harness, may have closed since)."""

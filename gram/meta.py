@@ -71,7 +71,7 @@ from gram.cluster import KEYS
 from gram.config import MetaParams, to_dict
 from gram.data.corpus import LazyPixels, locate_pairs
 from gram.distributed import World
-from gram.io import atomic_dir, atomic_path, check_finite, config_digest, file_sha256, write_json
+from gram.io import atomic_dir, atomic_path, check_finite, config_digest, file_sha256, write_json, write_manifest
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, normalize
 from gram.prototypes import load_structure
@@ -510,5 +510,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(prof, args.recipe, args.data, args.chc, args.tasks, args.backbone, args.out,
             prototypes_dir=args.prototypes, world=world)
+        if world.main:
+            write_manifest(args.out)
     finally:
         distributed.close(world)

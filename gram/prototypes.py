@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from gram.cluster import Hierarchy, fuse, kmeans, load_chc, load_corpus, minmax
-from gram.io import atomic_dir, file_sha256, write_json
+from gram.io import atomic_dir, file_sha256, write_json, write_manifest
 from gram.regulator import StructureContext
 from gram.stage import stage_parser, stage_setup
 from gram.tensorio import load_tensors, save_tensors
@@ -136,3 +136,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.prototypes, prof.data.vendors.meta, args.embed, args.chc, args.out)
+    write_manifest(args.out)

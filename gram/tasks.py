@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from gram.cluster import KEYS, load_chc, minmax
-from gram.io import atomic_dir, write_json
+from gram.io import atomic_dir, write_json, write_manifest
 from gram.stage import stage_parser, stage_setup
 from gram.tensorio import load_tensors, save_tensors
 
@@ -224,3 +224,4 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.tasks, args.chc, args.out)
+    write_manifest(args.out)

@@ -17,15 +17,54 @@ sys.path.insert(0, str(ROOT / "tests"))
 import fake_npm  # noqa: E402
 
 
-def params_with(tmp_path: Path, edit) -> str:
-    """A copy of params.yaml with `edit(raw_dict)` applied, written under tmp_path; returns its path."""
+# The params file of each profile: the user's params.yaml holds emoji and paper, the test profiles
+# are complete params files of their own (tests/params/), copied as params.yaml where a test runs the DAG.
+PARAMS_FILES = {"emoji": ROOT / "params.yaml", "demo": ROOT / "params.yaml", "paper": ROOT / "params.yaml",
+                "tiny": ROOT / "tests" / "params" / "tiny.yaml",
+                "paper_smoke": ROOT / "tests" / "params" / "paper_smoke.yaml"}
+TINY_PARAMS = str(PARAMS_FILES["tiny"])
+
+
+def load_params_yaml(path: str | Path) -> dict:
     import yaml
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return yaml.safe_load(Path(path).read_text())
+
+
+def dump_params_yaml(path: str | Path, raw: dict) -> None:
+    """Write a params mapping as YAML (merge keys come out expanded; floats keep their exponent form)."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False, width=1000))
+
+
+def params_with(tmp_path: Path, edit, profile: str = "emoji") -> str:
+    """The params file of `profile` with `edit(raw_dict)` applied, written as tmp_path/params.yaml; its path."""
+    raw = load_params_yaml(PARAMS_FILES[profile])
     edit(raw)
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    dump_params_yaml(path, raw)
     return str(path)
+
+
+def use_params(dest: Path, profile: str, grid: dict | None = None, edit=None) -> Path:
+    """Write `profile`'s params file as dest/params.yaml (a copy of the repository runs every `--params
+    params.yaml` command unchanged) with `profile:` set to it. The top-level `grid:` becomes `grid`, or
+    the profile's own grid when it has one (as the README says to switch to it); `edit(raw)` changes more.
+    A file that needs no change is copied as it is (anchors and comments kept)."""
+    src = PARAMS_FILES[profile]
+    raw = load_params_yaml(src)
+    own = raw[profile].get("grid")
+    want = grid if grid is not None else own if own is not None else raw["grid"]
+    path = dest / "params.yaml"
+    if raw["profile"] == profile and raw["grid"] == want and edit is None:
+        shutil.copy2(src, path)
+        return path
+    raw["profile"], raw["grid"] = profile, want
+    if edit is not None:
+        edit(raw)
+    dump_params_yaml(path, raw)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +81,7 @@ def fake_packages(tmp_path_factory) -> Path:
 def tiny_params():
     from gram import config as C
 
-    params, prof = C.load(ROOT / "params.yaml", "tiny")
+    params, prof = C.load(TINY_PARAMS, "tiny")
     return params, prof
 
 

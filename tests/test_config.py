@@ -1,4 +1,6 @@
-"""params.yaml loading and validation: every profile loads, bad input names the key and the file."""
+"""params.yaml loading and validation: every profile loads, bad input names the key and the file.
+
+The user's params.yaml holds emoji and paper; the test profiles are files of their own (tests/params/)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import PARAMS_FILES, ROOT, TINY_PARAMS
 from gram import config as C
 from gram.schema import render
 
@@ -20,9 +22,55 @@ def raw() -> dict:
 
 @pytest.mark.parametrize("profile", C.PROFILES)
 def test_every_profile_loads(profile):
-    params, prof = C.load(ROOT / "params.yaml", profile)
+    params, prof = C.load(PARAMS_FILES[profile], profile)
     assert prof is getattr(params, profile)
     assert isinstance(prof.backbone, C.BackboneParams)
+
+
+def test_params_files_hold_their_profiles():
+    """The user's file defines emoji and paper only; each test file its own profile, `profile:` and `grid:`."""
+    assert C.load(ROOT / "params.yaml")[0].defined() == ["emoji", "demo", "paper"]
+    for profile in ("tiny", "paper_smoke"):
+        raw = yaml.safe_load(PARAMS_FILES[profile].read_text())
+        assert raw["profile"] == profile and "grid" in raw
+        assert C.load(PARAMS_FILES[profile])[0].defined() == [profile]
+
+
+def test_a_profile_missing_from_the_file_names_the_file(tmp_path):
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: profile 'tiny' is not defined in this file"):
+        C.load(ROOT / "params.yaml", "tiny")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["profile"] = "tiny"
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: `profile: tiny` names a profile this file does not"):
+        C.load(write(tmp_path, raw))
+    with pytest.raises(C.ConfigError, match="'paper' is not defined"):
+        C.load(PARAMS_FILES["tiny"])[0].active("paper")
+
+
+def test_gram_methods_reuse_their_base_recipe():
+    """A GRAM method is its base recipe (a YAML merge key) plus meta_init/meta_regulator: one edit of the
+    base's lr changes every method built on it."""
+    text = (ROOT / "params.yaml").read_text()
+    for profile, anchor in (("emoji", "coop"), ("paper", "paper_coop")):
+        assert f"coop+gram: {{<<: *{anchor}," in text
+        raw = yaml.safe_load(text)
+        methods = raw[profile]["methods"]
+        for name, m in methods.items():
+            if "+gram" in name:
+                base = methods[name.split("+")[0]]
+                assert {k: v for k, v in m.items() if k not in ("meta_init", "meta_regulator")} == base, name
+    import io
+
+    from ruamel.yaml import YAML
+
+    rt = YAML()  # round-trip, as `dvc exp run -S emoji.methods.coop.lr=0.5` edits: the merged methods follow
+    doc = rt.load(text)
+    doc["emoji"]["methods"]["coop"]["lr"] = 0.5
+    out = io.StringIO()
+    rt.dump(doc, out)
+    methods = yaml.safe_load(out.getvalue())["emoji"]["methods"]
+    assert {n: m["lr"] for n, m in methods.items() if n.startswith("coop")} == \
+        {n: 0.5 for n in methods if n.startswith("coop")}
 
 
 def test_default_profile_is_emoji():
@@ -53,7 +101,8 @@ def test_wrong_type_names_key(tmp_path, raw):
         C.load(write(tmp_path, raw))
 
 
-def test_bool_is_not_an_int(tmp_path, raw):
+def test_bool_is_not_an_int(tmp_path):
+    raw = yaml.safe_load(PARAMS_FILES["tiny"].read_text())
     raw["tiny"]["data"]["shard_size"] = True
     with pytest.raises(C.ConfigError, match=r"`tiny\.data\.shard_size` must be int"):
         C.load(write(tmp_path, raw))
@@ -93,12 +142,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
         C.load(bad)
 
 
-def test_yaml_1_1_and_1_2_readers_agree():
-    """Snakemake reads params.yaml with PyYAML (YAML 1.1), DVC with ruamel (YAML 1.2)."""
+@pytest.mark.parametrize("path", sorted({str(p) for p in PARAMS_FILES.values()}))
+def test_yaml_1_1_and_1_2_readers_agree(path):
+    """Snakemake reads params.yaml with PyYAML (YAML 1.1), DVC with ruamel (YAML 1.2): merge keys too."""
     from ruamel.yaml import YAML
 
-    text = (ROOT / "params.yaml").read_text()
+    text = open(path).read()
     assert yaml.safe_load(text) == YAML(typ="safe", pure=True).load(text)
+    assert yaml.safe_load(text) == YAML(typ="safe", pure=False).load(text)
 
 
 def test_schema_is_generated_from_config():
@@ -109,6 +160,8 @@ def test_schema_is_generated_from_config():
 def test_schema_accepts_params_and_rejects_what_the_loader_rejects(raw):
     schema = yaml.safe_load(render())
     jsonschema.validate(raw, schema)
+    for path in PARAMS_FILES.values():
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
     bad = copy.deepcopy(raw)
     bad["emoji"]["backbone"]["pretrain"]["steps"] = 0
     with pytest.raises(jsonschema.ValidationError):
@@ -143,7 +196,7 @@ def test_grid_and_protocols_are_checked(tmp_path, edit, message):
 
 @pytest.fixture(scope="module")
 def tiny() -> C.ProfileParams:
-    return C.load(ROOT / "params.yaml", "tiny")[1]
+    return C.load(TINY_PARAMS, "tiny")[1]
 
 
 @pytest.mark.parametrize("section, change, message", [
@@ -177,12 +230,12 @@ def test_a_section_built_in_code_takes_what_the_file_takes(tiny):
 
 def test_the_loader_names_file_and_full_key_of_a_section_error(tmp_path, raw):
     """The section raises with the key relative to itself; the loader adds the file and the dotted path."""
-    raw["tiny"]["meta"]["joint"]["regulator"] = {"form": "mix", "gate_context": True}
-    with pytest.raises(C.ConfigError, match=r"params\.yaml: `tiny\.meta\.joint\.regulator`: gate_context applies"):
+    raw["emoji"]["meta"]["joint"]["regulator"] = {"form": "mix", "gate_context": True}
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: `emoji\.meta\.joint\.regulator`: gate_context applies"):
         C.load(write(tmp_path, raw))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["tiny"]["methods"]["coop"]["steps"] = -2
-    with pytest.raises(C.ConfigError, match=r"params\.yaml: `tiny\.methods\.coop\.steps` = -2 is below its minimum 0"):
+    raw["emoji"]["methods"]["coop"]["steps"] = -2
+    with pytest.raises(C.ConfigError, match=r"params\.yaml: `emoji\.methods\.coop\.steps` = -2 is below its minimum 0"):
         C.load(write(tmp_path, raw))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["grid"]["gram"] = [{"method": "coop", "meta": 3}]

@@ -207,7 +207,14 @@ class Rule:
         """The `gram <stage>` this rule runs, or None for a rule without a shell command."""
         if "shell" not in self.directives:
             return None
-        m = re.match(r"\s*gram\s+(\S+)", self.literal("shell"))
+        table = re.fullmatch(r'\s*stage_cmd\("([\w-]+)"\)\s*', self.directives["shell"])
+        if table:  # the command of gram/stages.py's table
+            from gram.stages import stage
+
+            command = stage(table.group(1)).cmd
+        else:
+            command = self.literal("shell")
+        m = re.match(r"\s*gram\s+(\S+)", command)
         assert m, f"rule {self.name}: shell command does not start with `gram <stage>`"
         return m.group(1)
 
@@ -343,7 +350,7 @@ def stage_module(stage: str) -> str:
 
 @cache
 def stage_tools(stage: str) -> list[list[str]]:
-    """The external commands a stage runs, over every profile of params.yaml: download runs
+    """The external commands a stage runs, over every profile (params.yaml and tests/params/): download runs
     data.npm.command (gram/data/emoji.py); meta restarts itself under torchrun on several GPUs
     (gram/distributed.py runs the env's own `python -m torch.distributed.run`)."""
     import gram.config as C
@@ -353,8 +360,10 @@ def stage_tools(stage: str) -> list[list[str]]:
     if stage != "download":
         return []
     out = []
+    from conftest import PARAMS_FILES
+
     for profile in C.PROFILES:
-        _, prof = C.load(ROOT / "params.yaml", profile)
+        _, prof = C.load(PARAMS_FILES[profile], profile)
         if prof.data.source == "npm":
             out.append(list(prof.data.npm.command))
     return out

@@ -276,26 +276,17 @@ def check_sources(where: str, stage: str, entries: list[str]) -> None:
         assert source_files([entry]) & needed, f"{where}: {entry} is listed but `gram {stage}` does not import it"
 
 
-def snakemake_rules() -> dict[str, tuple[str, list[str]]]:
-    """rule -> (stage it runs, package files of its sources(...)), read from workflow/rules/*.smk."""
-    out = {}
-    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
-        text = smk.read_text()
-        for block in re.split(r"(?m)^(?=rule |\s{4}rule )", text):
-            name = re.match(r"\s*rule (\w+):", block)
-            src = re.search(r"sources\(([^)]*)\)", block)
-            shell = re.search(r'"gram ([\w-]+) ', block)
-            if name and src and shell:
-                names = ast.literal_eval("[" + src.group(1) + "]")
-                out[name.group(1)] = (shell.group(1), [f"gram/{n}" for n in names])
-    return out
+def test_stage_table_code_deps_list_what_each_stage_imports():
+    """The stage table (gram/stages.py) gives both tools their code inputs: they must be the import closure."""
+    from gram import stages as S
 
-
-def test_snakemake_sources_list_what_each_stage_imports():
-    rules = snakemake_rules()
-    assert len(rules) >= 10, sorted(rules)
-    for rule, (stage, entries) in rules.items():
-        check_sources(f"rule {rule}", stage, entries)
+    checked = 0
+    for st in S.STAGES:
+        command = re.match(r"gram ([\w-]+) ", st.cmd)
+        if command:
+            check_sources(f"stage {st.name}", command.group(1), list(S.code_deps(st.module)))
+            checked += 1
+    assert checked >= 10
 
 
 def test_dvc_deps_list_what_each_stage_imports():

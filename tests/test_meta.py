@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, params_with
+from conftest import TINY_PARAMS, params_with
 from gram import cli
 from gram import config as C
 from gram import meta as M
@@ -19,7 +19,7 @@ from gram.backbone import load
 from gram.prompts import make_learner
 from gram.tune import frozen_features, tune
 
-PARAMS = str(ROOT / "params.yaml")
+PARAMS = TINY_PARAMS
 CAPTIONS = ["bright smiling circle face", "calm affection square", "round smiling circle", "tall affection square",
             "small smiling circle bright", "big affection square calm", "happy smiling circle", "quiet affection square"]
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import PARAMS_FILES, ROOT, load_params_yaml, use_params
 
-PROJECT_FILES = ["Snakefile", "workflow", "dvc.yaml", "params.yaml", "gram", "tests/fake_npm.py"]
+PROJECT_FILES = ["Snakefile", "workflow", "dvc.yaml", "gram", "tests/fake_npm.py"]
 
 
-def copy_project(dest: Path, profile: str, grid: dict | None = None) -> Path:
-    """A copy of the project's pipeline files at `dest`, with `profile:` set and `grid:` replaced by `grid`
-    (or, for a profile with its own grid, by `*grid_<profile>`, as the README says to switch to it)."""
+def copy_project(dest: Path, profile: str, grid: dict | None = None, edit=None) -> Path:
+    """A copy of the project's pipeline files at `dest` with `profile`'s params file as its params.yaml,
+    `profile:` set and `grid:` replaced by `grid` (or the profile's own grid; conftest.use_params)."""
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
@@ -27,16 +27,7 @@ def copy_project(dest: Path, profile: str, grid: dict | None = None) -> Path:
         else:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    params = dest / "params.yaml"
-    text = re.sub(r"(?m)^profile: \w+", f"profile: {profile}", params.read_text())
-    own = yaml.safe_load(text)[profile].get("grid") is not None
-    if grid is not None or own:  # the top-level grid block runs to the next blank line or the end
-        start = text.index("\ngrid:")
-        end = text.find("\n\n", start)
-        end = len(text) - 1 if end < 0 else end
-        new = f"*grid_{profile}" if grid is None else yaml.safe_dump(grid, default_flow_style=True, width=1000).strip()
-        text = text[:start] + "\ngrid: " + new + text[end:]
-    params.write_text(text)
+    use_params(dest, profile, grid, edit)
     subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
     return dest
 
@@ -104,9 +95,9 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
 
 def test_dvc_params_name_existing_sections():
     """Every `params:` entry of dvc.yaml resolves in params.yaml for every profile."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for profile in ("emoji", "tiny", "paper", "paper_smoke"):
+        params = load_params_yaml(PARAMS_FILES[profile])
         for name, st in stages.items():
             for key in st.get("params", []):
                 g = params[profile].get("grid") or params["grid"]
@@ -185,11 +176,11 @@ def test_paper_grid_from_the_command_line(tmp_path):
 def test_opt_in_img2dataset_rule_runs_before_the_download(tmp_path):
     """With data.paper.img2dataset.enabled, Snakemake builds the corpus shards first (rule img2dataset, whose
     output is the summary beside the shard folder), and the download stage waits for it."""
-    cwd = copy_project(tmp_path, "emoji")
+    def enable(raw):
+        raw["paper"]["data"]["paper"]["img2dataset"]["enabled"] = True
+
+    cwd = copy_project(tmp_path, "emoji", edit=enable)
     params = cwd / "params.yaml"
-    text = params.read_text()
-    assert text.count("img2dataset: {enabled: false, url_list: data/paper/corpus/cc3m.tsv") == 1
-    params.write_text(text.replace("img2dataset: {enabled: false,", "img2dataset: {enabled: true,"))
     (cwd / "data/paper/corpus").mkdir(parents=True)
     (cwd / "data/paper/corpus/cc3m.tsv").write_text("caption\turl\n")
     out = run(["snakemake", "-n", "-p", "--nocolor", "--cores", "1", "--config", "profile=paper",
@@ -201,7 +192,39 @@ def test_opt_in_img2dataset_rule_runs_before_the_download(tmp_path):
     block = next(b for b in download if b.startswith("download:"))
     assert "data/paper/corpus/cc3m.img2dataset.json" in block.split("output:")[0]  # an input of the download
     # not enabled (the default): no such rule
-    params.write_text(text)
+    use_params(cwd, "emoji")
     out = run(["snakemake", "-n", "--nocolor", "--cores", "1", "--config", "profile=paper", "--",
                "data/paper/download.json"], cwd)
     assert not re.search(r"(?m)^rule img2dataset:", out) and "cc3m.img2dataset.json" not in out
+
+
+def test_dvc_yaml_is_generated_from_the_stage_table():
+    """dvc.yaml is `gram dvc`'s rendering of gram/stages.py (regenerate it after a change there or to the
+    package's imports: `gram dvc`)."""
+    from gram.stages import render_dvc
+
+    assert (ROOT / "dvc.yaml").read_text() == render_dvc(), "dvc.yaml is stale: run `gram dvc`"
+
+
+def test_every_stage_is_a_rule_reading_the_table():
+    """Each stage of the table is the Snakemake rule of the same name, taking its command, inputs, outputs,
+    params and log from the table (the rules add threads, resources and conda only)."""
+    from gram.stages import STAGES
+
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "workflow" / "rules").glob("*.smk")))
+    for st in STAGES:
+        block = re.search(rf"(?ms)^rule {st.rule}:\n(.*?)(?=^\S|\Z)", text)
+        assert block, f"no rule {st.rule} for stage {st.name}"
+        for helper in ("stage_inputs", "stage_outputs", "stage_params", "stage_log", "stage_cmd"):
+            assert f'{helper}("{st.rule}"' in block.group(1), f"rule {st.rule} does not use {helper}"
+
+
+def test_code_deps_follow_function_level_imports(tmp_path, monkeypatch):
+    """A stage's code deps are its module's import closure, imports inside functions included, without
+    the shared plumbing (gram/config.py, gram/cli.py)."""
+    from gram import stages as S
+
+    deps = S.code_deps("gram.report")
+    assert "gram/report.py" in deps and "gram/tables.py" in deps  # tables is imported inside a function
+    assert "gram/config.py" not in deps and "gram/cli.py" not in deps
+    assert set(S.code_deps("gram.tasks")) >= {"gram/tasks.py", "gram/cluster.py", "gram/io.py"}

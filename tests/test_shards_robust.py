@@ -179,7 +179,7 @@ def test_too_many_skips_fail_the_stage_keeping_its_cache_and_a_rerun_resumes(tmp
     before = {f.name: f.stat().st_mtime_ns for f in files}
 
     # the same stage through its CLI, with a threshold from params.yaml that lets the corpus pass
-    params = params_with(tmp_path, lambda raw: raw["tiny"]["embed"].update(max_skip_fraction=0.2))
+    params = params_with(tmp_path, lambda raw: raw["tiny"]["embed"].update(max_skip_fraction=0.2), "tiny")
     E.main(["--params", params, "--profile", "tiny", "--data", str(tmp_path / "data"), "--backbone",
             str(tiny_clip_dir), "--out", str(out)])
     assert {f.name: f.stat().st_mtime_ns for f in sorted(cache.glob("*.safetensors"))} == before  # resumed

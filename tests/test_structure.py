@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import TINY_PARAMS
 from gram import cli
 from gram import cluster as CL
 from gram import config as C
@@ -22,7 +22,7 @@ from gram import prototypes as P
 from gram import tasks as T
 from gram.data.shards import iter_samples, shard_paths
 
-PARAMS = str(ROOT / "params.yaml")
+PARAMS = TINY_PARAMS
 
 
 def stage(*argv: str) -> None:
@@ -211,7 +211,7 @@ def test_tasks_refuse_clusters_too_small():
 def test_task_and_cluster_params_are_checked(tmp_path):
     import yaml
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = yaml.safe_load(open(TINY_PARAMS).read())
     raw["tiny"]["tasks"]["level"] = 3
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(C.ConfigError, match=r"`tiny`: tasks.level = 3 but the hierarchy has levels 0..2"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fake_npm
-from conftest import ROOT, params_with
+from conftest import TINY_PARAMS, params_with
 from gram import cli
 from gram import config as C
 from gram import tpt as T
@@ -20,7 +20,7 @@ from gram.images import preprocess
 from gram.prompts import make_learner
 from gram.regulator import Regulators, StructureContext
 
-PARAMS = str(ROOT / "params.yaml")
+PARAMS = TINY_PARAMS
 NAMES = [e["label"] for e in fake_npm.EMOJIS][:6] + ["circle", "tall affection square big calm"]
 
 

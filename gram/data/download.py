@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gram.config import DataParams
 from gram.data import emoji, paper
+from gram.io import write_manifest
 from gram.stage import stage_parser, stage_setup
 
 
@@ -28,3 +29,5 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _, prof = stage_setup(args)
     run(prof.data, args.out)
+    for name in ("shards", "datasets"):  # Snakemake follows these directories' content through manifests
+        write_manifest(Path(args.out) / name)

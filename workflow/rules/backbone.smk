@@ -1,18 +1,12 @@
+# Command, inputs, params, outputs and log of every rule come from the stage table (gram/stages.py),
+# which also generates dvc.yaml; the rules add what only Snakemake has: threads, resources, conda.
 rule backbone:
     input:
-        sources(
-            "backbone.py",
-            "data/__init__.py",
-            "data/names.py",
-            "data/shards.py",
-            "images.py",
-            "io.py",
-        ),
-        shards="data/{profile}/shards",
+        **stage_inputs("backbone"),
     output:
-        directory("models/{profile}/backbone"),
+        **stage_outputs("backbone"),
     log:
-        "logs/{profile}/backbone.log",
+        stage_log("backbone"),
     conda:
         "../envs/gpu.yaml"
     threads: 4
@@ -21,7 +15,6 @@ rule backbone:
         runtime=480,
         gpu=1,
     params:
-        backbone=section("backbone"),
-        pretrain_vendors=section("data", "vendors", "pretrain"),
+        **stage_params("backbone"),
     shell:
-        "gram backbone --params params.yaml --profile {wildcards.profile} --data data/{wildcards.profile} --out models/{wildcards.profile}/backbone --log {log}"
+        stage_cmd("backbone")

@@ -1,26 +1,13 @@
 # emoji: npm packages into shards; paper: fetch missing datasets (checksummed; manual steps stop it),
 # list them and resolve the corpus shards (gram/data/paper.py). The runtime bounds the paper's fetch.
+# The corpus input (the opt-in img2dataset run below) is Snakemake's only.
 rule download:
     input:
-        sources(
-            "data/download.py",
-            "data/__init__.py",
-            "data/emoji.py",
-            "data/fetch.py",
-            "data/fewshot.py",
-            "data/names.py",
-            "data/paper.py",
-            "data/shards.py",
-            "images.py",
-            "io.py",
-        ),
-        corpus=img2dataset_summary,
+        **stage_inputs("download", corpus=img2dataset_summary),
     output:
-        shards=directory("data/{profile}/shards"),
-        datasets=directory("data/{profile}/datasets"),
-        report="data/{profile}/download.json",
+        **stage_outputs("download"),
     log:
-        "logs/{profile}/download.log",
+        stage_log("download"),
     conda:
         "../envs/cpu.yaml"
     threads: 1
@@ -28,9 +15,9 @@ rule download:
         mem_mb=memory(2000),
         runtime=24 * 60,
     params:
-        data=section("data"),
+        **stage_params("download"),
     shell:
-        "gram download --params params.yaml --profile {wildcards.profile} --out data/{wildcards.profile} --log {log}"
+        stage_cmd("download")
 
 
 # Opt-in (data.paper.img2dataset.enabled): the corpus shards from a caption/URL table. Its output is
@@ -41,7 +28,7 @@ if img2dataset_enabled(PROFILE):
 
     rule img2dataset:
         input:
-            sources("data/img2dataset.py", "io.py"),
+            sources("data/img2dataset.py"),
             table=PARAMS.active().data.paper.img2dataset.url_list,
         output:
             img2dataset_summary(None)[0],

@@ -1,25 +1,11 @@
+# Zero-shot methods (grid.methods): one job each, every dataset, domain and protocol (gram/evaluate.py).
 rule evaluate:
     input:
-        sources(
-            "evaluate.py",
-            "backbone.py",
-            "data/__init__.py",
-            "data/datasets.py",
-            "data/fetch.py",
-            "data/fewshot.py",
-            "data/names.py",
-            "data/paper.py",
-            "data/shards.py",
-            "images.py",
-            "io.py",
-        ),
-        datasets="data/{profile}/datasets",
-        shards="data/{profile}/shards",
-        backbone="models/{profile}/backbone",
+        **stage_inputs("evaluate"),
     output:
-        directory("results/{profile}/eval/{method}"),
+        **stage_outputs("evaluate"),
     log:
-        "logs/{profile}/evaluate-{method}.log",
+        stage_log("evaluate"),
     conda:
         "../envs/gpu.yaml"
     threads: 4
@@ -28,11 +14,6 @@ rule evaluate:
         runtime=240,
         gpu=1,
     params:
-        evaluate=section("evaluate"),
-        protocols=section("protocols"),
-        datasets=config["grid"]["datasets"],
-        transfer=config["grid"]["transfer"],
-        device=section("backbone", "device"),
-        dtype=section("backbone", "dtype"),
+        **stage_params("evaluate"),
     shell:
-        "gram evaluate --params params.yaml --profile {wildcards.profile} --method {wildcards.method} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out results/{wildcards.profile}/eval/{wildcards.method} --log {log}"
+        stage_cmd("evaluate")

@@ -4,22 +4,11 @@
 
 rule embed:
     input:
-        sources(
-            "embed.py",
-            "backbone.py",
-            "data/__init__.py",
-            "data/names.py",
-            "data/shards.py",
-            "images.py",
-            "io.py",
-            "tensorio.py",
-        ),
-        shards="data/{profile}/shards",
-        backbone="models/{profile}/backbone",
+        **stage_inputs("embed"),
     output:
-        directory("data/{profile}/embed"),
+        **stage_outputs("embed"),
     log:
-        "logs/{profile}/embed.log",
+        stage_log("embed"),
     conda:
         "../envs/gpu.yaml"
     threads: 4
@@ -28,33 +17,18 @@ rule embed:
         runtime=720,
         gpu=1,
     params:
-        embed=section("embed"),
-        corpus=section("data", "vendors", "meta"),
-        device=section("backbone", "device"),
-        dtype=section("backbone", "dtype"),
+        **stage_params("embed"),
     shell:
-        "gram embed --params params.yaml --profile {wildcards.profile} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out data/{wildcards.profile}/embed --log {log}"
+        stage_cmd("embed")
 
 
 rule cluster:
     input:
-        sources(
-            "cluster.py",
-            "backbone.py",
-            "data/__init__.py",
-            "data/names.py",
-            "data/shards.py",
-            "embed.py",
-            "images.py",
-            "io.py",
-            "tensorio.py",
-        ),
-        shards="data/{profile}/shards",
-        embed="data/{profile}/embed",
+        **stage_inputs("cluster"),
     output:
-        directory("data/{profile}/chc"),
+        **stage_outputs("cluster"),
     log:
-        "logs/{profile}/cluster.log",
+        stage_log("cluster"),
     conda:
         "../envs/gpu.yaml"
     threads: 4
@@ -63,32 +37,18 @@ rule cluster:
         runtime=240,
         gpu=1,
     params:
-        cluster=section("cluster"),
-        corpus=section("data", "vendors", "meta"),
-        device=section("backbone", "device"),
+        **stage_params("cluster"),
     shell:
-        "gram cluster --params params.yaml --profile {wildcards.profile} --data data/{wildcards.profile} --embed data/{wildcards.profile}/embed --out data/{wildcards.profile}/chc --log {log}"
+        stage_cmd("cluster")
 
 
 rule tasks:
     input:
-        sources(
-            "tasks.py",
-            "backbone.py",
-            "cluster.py",
-            "data/__init__.py",
-            "data/names.py",
-            "data/shards.py",
-            "embed.py",
-            "images.py",
-            "io.py",
-            "tensorio.py",
-        ),
-        chc="data/{profile}/chc",
+        **stage_inputs("tasks"),
     output:
-        directory("data/{profile}/tasks"),
+        **stage_outputs("tasks"),
     log:
-        "logs/{profile}/tasks.log",
+        stage_log("tasks"),
     conda:
         "../envs/cpu.yaml"
     threads: 1
@@ -96,32 +56,18 @@ rule tasks:
         mem_mb=memory(2000, chc=2),
         runtime=60,
     params:
-        tasks=section("tasks"),
+        **stage_params("tasks"),
     shell:
-        "gram tasks --params params.yaml --profile {wildcards.profile} --chc data/{wildcards.profile}/chc --out data/{wildcards.profile}/tasks --log {log}"
+        stage_cmd("tasks")
 
 
 rule prototypes:
     input:
-        sources(
-            "prototypes.py",
-            "backbone.py",
-            "cluster.py",
-            "data/__init__.py",
-            "data/names.py",
-            "data/shards.py",
-            "embed.py",
-            "images.py",
-            "io.py",
-            "regulator.py",
-            "tensorio.py",
-        ),
-        embed="data/{profile}/embed",
-        chc="data/{profile}/chc",
+        **stage_inputs("prototypes"),
     output:
-        directory("data/{profile}/prototypes"),
+        **stage_outputs("prototypes"),
     log:
-        "logs/{profile}/prototypes.log",
+        stage_log("prototypes"),
     conda:
         "../envs/cpu.yaml"
     threads: 1
@@ -129,7 +75,6 @@ rule prototypes:
         mem_mb=memory(2000, embed=2),
         runtime=60,
     params:
-        prototypes=section("prototypes"),
-        corpus=section("data", "vendors", "meta"),
+        **stage_params("prototypes"),
     shell:
-        "gram prototypes --params params.yaml --profile {wildcards.profile} --embed data/{wildcards.profile}/embed --chc data/{wildcards.profile}/chc --out data/{wildcards.profile}/prototypes --log {log}"
+        stage_cmd("prototypes")

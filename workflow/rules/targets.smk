@@ -54,20 +54,21 @@ def run_files(wildcards):
 
 
 def eval_dirs(wildcards):
-    return expand(
-        "results/{profile}/eval/{method}",
-        profile=wildcards.profile,
-        method=config["grid"]["methods"],
-    )
+    """The zero-shot evaluations of grid.methods, each with its manifest."""
+    return [
+        p
+        for m in config["grid"]["methods"]
+        for p in with_manifest(f"results/{wildcards.profile}/eval/{m}")
+    ]
 
 
 def meta_dirs(wildcards):
     """The meta-training outputs of grid.meta (the report's meta-training table)."""
-    return expand(
-        "models/{profile}/meta/{recipe}",
-        profile=wildcards.profile,
-        recipe=config["grid"].get("meta", []),
-    )
+    return [
+        p
+        for r in config["grid"].get("meta", [])
+        for p in with_manifest(f"models/{wildcards.profile}/meta/{r}")
+    ]
 
 
 def tpt_entries():
@@ -85,7 +86,7 @@ def tpt_input(wildcards):
     if src is None:
         return []
     if src[0] == "meta":
-        return [f"models/{wildcards.profile}/meta/{src[1]}"]
+        return with_manifest(f"models/{wildcards.profile}/meta/{src[1]}")
     tr = config["grid"]["transfer"]
     return [
         f"models/{wildcards.profile}/prompts/{tr['dataset']}/{src[1]}/k{tr['shots']}-s{wildcards.seed}.safetensors"
@@ -117,8 +118,17 @@ def report_targets():
     out += [f"results/{PROFILE}/{name}.md" for name in PROTOCOL_TABLES]
     out += [f"results/{PROFILE}/clustering.{ext}" for ext in ("md", "csv", "png")]
     out += [f"results/{PROFILE}/meta_training.{ext}" for ext in ("md", "png")]
-    out += [f"models/{PROFILE}/meta/{r}" for r in config["grid"].get("meta", [])]
+    out += [
+        m
+        for r in config["grid"].get("meta", [])
+        for m in with_manifest(f"models/{PROFILE}/meta/{r}")
+    ]
     t = config["grid"].get("tpt", {})
     if t.get("datasets") and tpt_entries():
         out += [f"results/{PROFILE}/test_time.{ext}" for ext in ("md", "csv", "png")]
-    return out + [f"data/{PROFILE}/tasks", f"data/{PROFILE}/prototypes"]
+    # directory targets with their manifests: a changed directory reruns the stage that writes it
+    return (
+        out
+        + with_manifest(f"data/{PROFILE}/tasks")
+        + with_manifest(f"data/{PROFILE}/prototypes")
+    )

@@ -1,37 +1,16 @@
 # Tuned methods under the four protocols: one job per (protocol, dataset, method, shots, seed).
-# GRAM methods (grid.gram) also read the meta-train output of their recipe (`--meta`).
-# Few-shot jobs also keep the tuned prompt; cross-dataset and domain-generalisation jobs score the
-# prompt of grid.transfer without tuning.
+# GRAM methods (grid.gram) also read the meta-train output of their recipe (`--meta`: meta_input,
+# meta_arg). Few-shot jobs also keep the tuned prompt; cross-dataset and domain-generalisation jobs
+# score the prompt of grid.transfer without tuning. GRAM meta-training (grid.meta) is rule meta.
 
 
 rule few_shot:
     input:
-        sources(
-            "tune.py",
-            "backbone.py",
-            "data/__init__.py",
-            "data/datasets.py",
-            "data/fetch.py",
-            "data/fewshot.py",
-            "data/names.py",
-            "data/paper.py",
-            "data/shards.py",
-            "evaluate.py",
-            "images.py",
-            "io.py",
-            "prompts",
-            "regulator.py",
-            "tensorio.py",
-        ),
-        datasets="data/{profile}/datasets",
-        shards="data/{profile}/shards",
-        backbone="models/{profile}/backbone",
-        meta=meta_input,
+        **stage_inputs("few_shot", meta=meta_input),
     output:
-        run="results/{profile}/runs/few-shot/{dataset}/{method}/k{shots}-s{seed}.json",
-        prompt="models/{profile}/prompts/{dataset}/{method}/k{shots}-s{seed}.safetensors",
+        **stage_outputs("few_shot"),
     log:
-        "logs/{profile}/few-shot/{dataset}/{method}/k{shots}-s{seed}.log",
+        stage_log("few_shot"),
     conda:
         "../envs/gpu.yaml"
     threads: 4
@@ -40,42 +19,18 @@ rule few_shot:
         runtime=240,
         gpu=1,
     params:
-        method=method_params,
-        protocols=section("protocols"),
-        device=section("backbone", "device"),
-        dtype=section("backbone", "dtype"),
-        meta=meta_arg,
+        **stage_params("few_shot", extra=meta_arg),
     shell:
-        "gram tune --params params.yaml --profile {wildcards.profile} --protocol few-shot --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output.run} --save-prompt {output.prompt}{params.meta} --log {log}"
+        stage_cmd("few_shot")
 
 
 rule base_to_new:
     input:
-        sources(
-            "tune.py",
-            "backbone.py",
-            "data/__init__.py",
-            "data/datasets.py",
-            "data/fetch.py",
-            "data/fewshot.py",
-            "data/names.py",
-            "data/paper.py",
-            "data/shards.py",
-            "evaluate.py",
-            "images.py",
-            "io.py",
-            "prompts",
-            "regulator.py",
-            "tensorio.py",
-        ),
-        datasets="data/{profile}/datasets",
-        shards="data/{profile}/shards",
-        backbone="models/{profile}/backbone",
-        meta=meta_input,
+        **stage_inputs("base_to_new", meta=meta_input),
     output:
-        "results/{profile}/runs/base-to-new/{dataset}/{method}/k{shots}-s{seed}.json",
+        **stage_outputs("base_to_new"),
     log:
-        "logs/{profile}/base-to-new/{dataset}/{method}/k{shots}-s{seed}.log",
+        stage_log("base_to_new"),
     conda:
         "../envs/gpu.yaml"
     threads: 4
@@ -84,42 +39,18 @@ rule base_to_new:
         runtime=240,
         gpu=1,
     params:
-        method=method_params,
-        protocols=section("protocols"),
-        device=section("backbone", "device"),
-        dtype=section("backbone", "dtype"),
-        meta=meta_arg,
+        **stage_params("base_to_new", extra=meta_arg),
     shell:
-        "gram tune --params params.yaml --profile {wildcards.profile} --protocol base-to-new --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output}{params.meta} --log {log}"
+        stage_cmd("base_to_new")
 
 
 rule transfer:
     input:
-        sources(
-            "tune.py",
-            "backbone.py",
-            "data/__init__.py",
-            "data/datasets.py",
-            "data/fetch.py",
-            "data/fewshot.py",
-            "data/names.py",
-            "data/paper.py",
-            "data/shards.py",
-            "evaluate.py",
-            "images.py",
-            "io.py",
-            "prompts",
-            "regulator.py",
-            "tensorio.py",
-        ),
-        datasets="data/{profile}/datasets",
-        shards="data/{profile}/shards",
-        backbone="models/{profile}/backbone",
-        prompt="models/{profile}/prompts/{dataset}/{method}/k{shots}-s{seed}.safetensors",
+        **stage_inputs("transfer"),
     output:
-        "results/{profile}/runs/{protocol}/{dataset}/{method}/k{shots}-s{seed}.json",
+        **stage_outputs("transfer"),
     log:
-        "logs/{profile}/{protocol}/{dataset}/{method}/k{shots}-s{seed}.log",
+        stage_log("transfer"),
     wildcard_constraints:
         protocol="cross-dataset|domain-generalisation",
     conda:
@@ -130,43 +61,18 @@ rule transfer:
         runtime=240,
         gpu=1,
     params:
-        method=method_params,
-        protocols=section("protocols"),
-        device=section("backbone", "device"),
-        dtype=section("backbone", "dtype"),
+        **stage_params("transfer"),
     shell:
-        "gram tune --params params.yaml --profile {wildcards.profile} --protocol {wildcards.protocol} --dataset {wildcards.dataset} --method {wildcards.method} --shots {wildcards.shots} --seed {wildcards.seed} --data data/{wildcards.profile} --backbone models/{wildcards.profile}/backbone --out {output} --load-prompt {input.prompt} --log {log}"
+        stage_cmd("transfer")
 
 
 rule meta:
     input:
-        sources(
-            "meta.py",
-            "backbone.py",
-            "cluster.py",
-            "data/__init__.py",
-            "data/corpus.py",
-            "data/names.py",
-            "data/shards.py",
-            "distributed.py",
-            "embed.py",
-            "images.py",
-            "io.py",
-            "prompts",
-            "prototypes.py",
-            "regulator.py",
-            "tasks.py",
-            "tensorio.py",
-        ),
-        shards="data/{profile}/shards",
-        chc="data/{profile}/chc",
-        tasks="data/{profile}/tasks",
-        prototypes="data/{profile}/prototypes",
-        backbone="models/{profile}/backbone",
+        **stage_inputs("meta"),
     output:
-        directory("models/{profile}/meta/{recipe}"),
+        **stage_outputs("meta"),
     log:
-        "logs/{profile}/meta-{recipe}.log",
+        stage_log("meta"),
     conda:
         "../envs/gpu.yaml"
     threads: 4
@@ -175,8 +81,6 @@ rule meta:
         runtime=1440,
         gpu=1,
     params:
-        recipe=meta_params,
-        device=section("backbone", "device"),
-        dtype=section("backbone", "dtype"),
+        **stage_params("meta"),
     shell:
-        "gram meta --params params.yaml --profile {wildcards.profile} --recipe {wildcards.recipe} --data data/{wildcards.profile} --chc data/{wildcards.profile}/chc --tasks data/{wildcards.profile}/tasks --prototypes data/{wildcards.profile}/prototypes --backbone models/{wildcards.profile}/backbone --out {output} --log {log}"
+        stage_cmd("meta")
