@@ -1,4 +1,4 @@
-"""Per-stage throughput of the paper profile's GPU work, for the README's "Paper scale" figures.
+"""Per-stage throughput of the paper profile's GPU work, for the figures of docs/paper-scale.md.
 
     python benchmarks/paper_scale.py --device cuda --dtype bfloat16
 

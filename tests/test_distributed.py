@@ -98,6 +98,7 @@ def _assert_history_close(got, want):
         np.testing.assert_allclose([h[key] for h in got], [h[key] for h in want], rtol=0, atol=2e-5, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_gloo_processes_equal_one_with_the_same_global_batch(two_ranks, tiny_clip_dir, name):
     """θ, φ after 3 outer steps on 2 ranks equal the 1-process run (atol 1e-10 in float64), the two ranks
@@ -119,6 +120,7 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(two_ranks, tiny
     assert m0["history"] == m1["history"]
 
 
+@pytest.mark.slow
 def test_rank_0_alone_checkpoints_and_a_two_process_checkpoint_resumes(two_ranks, tiny_clip_dir):
     """Interrupted after 3 of 5 steps and resumed, 2 ranks end where 1 uninterrupted process does; only
     rank 0 wrote checkpoints (steps 2 and 4), and one process resumes from the 2-process checkpoint too."""
@@ -137,6 +139,7 @@ def test_rank_0_alone_checkpoints_and_a_two_process_checkpoint_resumes(two_ranks
         torch.testing.assert_close(_params(one)[n], v, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_gram_meta_on_two_processes_writes_what_one_writes(metaworld, tmp_path):  # noqa: F811
     """`GRAM_NPROC=2 gram meta` (the DAG's command) relaunches under torchrun with gloo: the same tensors
     (atol 1e-5, float32) and tensor metadata as the in-process one-process run; meta.json says world_size 2."""

@@ -104,6 +104,7 @@ def keep_ratio(w: int, h: int) -> tuple[int, int]:
     return round(w * scale), round(h * scale)
 
 
+@pytest.mark.slow
 def test_download_writes_readable_shards_counts_failures_and_resumes(tmp_path, corpus):
     pytest.importorskip("img2dataset")
     tsv, urls, captions, server = corpus

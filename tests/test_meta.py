@@ -57,7 +57,7 @@ def outer_loss(ml, theta, phi):
     return ml.task_loss(theta, phi, S, Q, 0.7)[0]
 
 
-@pytest.mark.parametrize("kind", ["coop", "joint"])
+@pytest.mark.parametrize("kind", ["coop", pytest.param("joint", marks=pytest.mark.slow)])
 def test_meta_gradient_matches_finite_differences(tiny_clip_dir, kind):
     """∇θ and ∇φ of L_Q(θ − α ψ_φ(∇θ L_S(θ); h)) (second order, torch.func) against central differences
     along random directions, in float64; for joint θ spans the text context, visual tokens and coupling."""
@@ -110,6 +110,7 @@ class _Tasks:
         return 4
 
 
+@pytest.mark.slow
 def test_an_interrupted_meta_training_resumes_to_the_same_result(tiny_clip_dir, tmp_path):
     cfg = dict(steps=5, tasks_per_step=2, checkpoint_every=2)
     whole = tiny_learner(tiny_clip_dir, "joint", torch.float32, **cfg)
@@ -181,6 +182,7 @@ def metaworld(tmp_path_factory, tiny_data, tiny_trained_dir):
     return d
 
 
+@pytest.mark.slow
 def test_meta_stage_writes_theta_phi_history_and_validation(metaworld, tiny_params):
     out = metaworld["meta"]
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "meta.png", "meta.safetensors"]
@@ -201,6 +203,7 @@ def test_meta_stage_writes_theta_phi_history_and_validation(metaworld, tiny_para
         R.load_meta(out, vpt)
 
 
+@pytest.mark.slow
 def test_same_cluster_task_variant(metaworld):
     from gram.tasks import load_tasks
 
@@ -211,6 +214,7 @@ def test_same_cluster_task_variant(metaworld):
     assert (cross.support_cluster != cross.query_cluster).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["coop+gram", "coop+gram-init", "coop+gram-reg"])
 def test_gram_methods_tune_from_the_meta_output(metaworld, tmp_path, method):
     out = tmp_path / "run.json"
@@ -228,6 +232,7 @@ def test_gram_methods_tune_from_the_meta_output(metaworld, tmp_path, method):
                  "--load-prompt", str(tmp_path / "p.safetensors")) == 0
 
 
+@pytest.mark.slow
 def test_gram_tuning_without_meta_is_refused(metaworld, tmp_path, capsys):
     common = ["--protocol", "few-shot", "--dataset", "subgroup16", "--shots", "1", "--seed", "1", "--data",
               str(metaworld["data"]), "--backbone", str(metaworld["backbone"]), "--out", str(tmp_path / "r.json")]
@@ -238,6 +243,7 @@ def test_gram_tuning_without_meta_is_refused(metaworld, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.slow
 def test_meta_stage_refuses_tasks_of_another_hierarchy(metaworld, tmp_path, capsys):
     import shutil
 

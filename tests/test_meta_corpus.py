@@ -216,6 +216,7 @@ def test_mixed_sizes_compressed_shards_repeats_and_missing_pairs(tiny_clip_dir, 
         M.load_corpus(bb, tmp_path / "data", keys, rows)
 
 
+@pytest.mark.slow
 def test_meta_training_is_bit_identical_with_the_eager_corpus(world, tiny_params, tmp_path, monkeypatch):
     """`gram.meta.run` of the tiny joint recipe (its loss reads the pixels, its context the frozen features)
     writes the same θ, φ, history and validation as with the eager corpus, and reads only rows of the tasks."""

@@ -49,7 +49,9 @@ def dvc_commands(cwd: Path) -> Counter:
     return Counter(line[2:].strip() for line in out.splitlines() if line.startswith("> "))
 
 
-@pytest.mark.parametrize("profile", ["emoji", "tiny", "paper", "paper_smoke"])
+# the tiny profile in the fast tier; the others (thousands of jobs for paper) with the slow tests
+@pytest.mark.parametrize("profile", ["tiny", *(pytest.param(p, marks=pytest.mark.slow)
+                                              for p in ("emoji", "paper", "paper_smoke"))])
 def test_snakemake_and_dvc_run_the_same_commands(tmp_path, profile):
     cwd = copy_project(tmp_path, profile)
     smk, dvc = snakemake_commands(cwd), dvc_commands(cwd)
@@ -121,6 +123,7 @@ def test_snakemake_lint_and_format():
 GPU_RULES = {"backbone", "embed", "cluster", "evaluate", "few_shot", "base_to_new", "transfer", "meta", "tpt"}
 
 
+@pytest.mark.slow
 def test_paper_grid_from_the_command_line(tmp_path):
     """`snakemake -n --config profile=paper` on the committed params.yaml (profile: emoji) lists every job of
     the paper grid, each GPU rule's jobs asking for a GPU and no other job asking for one."""
@@ -173,6 +176,7 @@ def test_paper_grid_from_the_command_line(tmp_path):
             assert "profile=paper" in b, b
 
 
+@pytest.mark.slow
 def test_opt_in_img2dataset_rule_runs_before_the_download(tmp_path):
     """With data.paper.img2dataset.enabled, Snakemake builds the corpus shards first (rule img2dataset, whose
     output is the summary beside the shard folder), and the download stage waits for it."""

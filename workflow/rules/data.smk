@@ -23,7 +23,7 @@ rule download:
 # Opt-in (data.paper.img2dataset.enabled): the corpus shards from a caption/URL table. Its output is
 # the summary beside the shard folder, not the folder: a rerun then keeps the finished shards
 # (img2dataset's incremental mode). No conda env: img2dataset installs only with --no-deps next to
-# our pins (README, "Paper scale"). DVC cannot make a stage conditional: run `gram img2dataset` once.
+# our pins (docs/paper-scale.md). DVC cannot make a stage conditional: run `gram img2dataset` once.
 if img2dataset_enabled(PROFILE):
 
     rule img2dataset:

@@ -4,7 +4,7 @@
 # into `--gpus=1`; `gpu_model` adds a type); `--set-resources meta:gpu=4` meta-trains on four GPUs of
 # one node (gram meta starts one process per visible GPU). Partition, account and GPU type come from
 # the command line or a profile, never from params.yaml. Runtimes (minutes) are upper bounds for the
-# paper profile on one GPU; see the README.
+# paper profile on one GPU; see docs/cluster.md.
 
 
 def _size_mb(path):
