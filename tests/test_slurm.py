@@ -88,11 +88,11 @@ def local_run(tiny_snakemake_run) -> Path:
 
 
 def comparable(obj):
-    """A job's JSON record without wall times, floats rounded to 5 decimals (BLAS summation order may
-    differ between two processes in the last bits)."""
+    """A job's JSON record without wall times (and rates or fractions derived from them), floats rounded
+    to 5 decimals (BLAS summation order may differ between two processes in the last bits)."""
     if isinstance(obj, dict):
         return {k: comparable(v) for k, v in obj.items()
-                if not (k.endswith("_s") or "time" in k or "seconds" in k)}
+                if not (k.endswith("_s") or k.startswith("ms_") or any(w in k for w in ("time", "seconds", "wait")))}
     if isinstance(obj, list):
         return [comparable(v) for v in obj]
     return round(obj, 5) if isinstance(obj, float) else obj
