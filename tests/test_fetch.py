@@ -36,25 +36,21 @@ class Server:
                 rng, body = self.headers.get("Range"), outer.files.get(self.path)
                 if body is None:
                     status = 404
-                    self.send_response(404)
-                    self.end_headers()
                 elif rng and outer.ranges:
                     start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
                     status = 206 if start < len(body) else 416
-                    self.send_response(status)
+                else:
+                    start, status = 0, 200
+                # recorded before the reply: the client may return as soon as it has read the status
+                outer.requests.append((self.path, rng, status))
+                self.send_response(status)
+                if status in (200, 206):
                     if status == 206:
                         self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                        self.send_header("Content-Length", str(len(body) - start))
-                    self.end_headers()
-                    if status == 206:
-                        self.wfile.write(body[start:])
-                else:
-                    status = 200
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                outer.requests.append((self.path, rng, status))
+                    self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                if status in (200, 206):
+                    self.wfile.write(body[start:])
 
             def log_message(self, *args):
                 pass
