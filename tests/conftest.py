@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,9 @@ def tiny_trained_dir(tmp_path_factory, tiny_data, tiny_params) -> Path:
 # --------------------------------------------------------------------------------------------
 # The tiny DAG, run once per test session by each tool: the end-to-end checks (test_e2e_tiny.py),
 # the SLURM comparison and report (test_slurm.py) and the DVC remote (test_dvc_remote.py) all read
-# these two runs instead of building their own.
+# these runs instead of building their own. Every job of a shared run computes on one thread: on two
+# cores Snakemake runs two jobs at once (each job is mostly start-up: importing torch and
+# transformers), and the local, DVC and SLURM runs of a job give the same bytes.
 # --------------------------------------------------------------------------------------------
 # 2 seeds (so std exists), 2 shot counts, three plain methods (text, joint text+visual, linear probe),
 # one GRAM method over one meta-training recipe, and three test-time methods (words init, the few-shot
@@ -145,7 +148,23 @@ TINY_GRID = {"methods": ["zeroshot", "zeroshot-ensemble"], "tuned": ["coop", "jo
              "transfer": {"dataset": "subgroup16", "shots": 2},
              "tpt": {"datasets": ["subgroup16"], "words": ["tpt"], "tuned": [{"method": "tpt+coop", "prompt": "coop"}],
                      "gram": [{"method": "tpt+gram", "meta": "coop-tpt"}]}}
+# every rule kind once, a subset of TINY_GRID's jobs (20): download, backbone, zero-shot, few-shot,
+# base-to-new and transfer tuning of a plain and a GRAM method, the structure stages, meta-training,
+# test-time tuning from words and from the few-shot prompt, and both reports. The DVC and SLURM runs
+# use it; each of their jobs is compared with the same job of the Snakemake run over TINY_GRID.
+SMALL_GRID = {"methods": ["zeroshot"], "tuned": ["coop"], "meta": ["coop"],
+              "gram": [{"method": "coop+gram", "meta": "coop"}],
+              "datasets": ["subgroup16"], "shots": [2], "seeds": [1], "base_to_new_shots": 2,
+              "transfer": {"dataset": "subgroup16", "shots": 2},
+              "tpt": {"datasets": ["subgroup16"], "words": ["tpt"], "tuned": [{"method": "tpt+coop", "prompt": "coop"}],
+                      "gram": []}}
+SMALL_JOBS = 20
+# one thread per job (see above): `snakemake --max-threads 1`; under DVC, the variables Snakemake sets
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 GIT = ["git", "-c", "user.name=gram-test", "-c", "user.email=gram-test@example.org", "-c", "init.defaultBranch=main"]
+# the directories of per-job outputs (one file or folder per job) a run of the tiny DAG writes
+JOB_OUTPUTS = ("results/tiny/eval", "results/tiny/runs", "results/tiny/tpt", "data/tiny/embed", "data/tiny/chc",
+               "data/tiny/tasks", "data/tiny/prototypes", "models/tiny/prompts", "models/tiny/meta")
 
 
 def dvc_outputs(cwd: Path) -> dict[str, bytes]:
@@ -158,27 +177,74 @@ def dvc_outputs(cwd: Path) -> dict[str, bytes]:
     return {str(f.relative_to(cwd)): f.read_bytes() for f in files if f.is_file()}
 
 
+def comparable(obj):
+    """A job's JSON record without wall times (and rates or fractions derived from them) and without
+    whether a cache served it (which of two jobs sharing a cache ran first), floats rounded to 5 decimals
+    (BLAS summation order may differ between two processes in the last bits)."""
+    if isinstance(obj, dict):
+        skip = ("time", "seconds", "wait", "cached")
+        return {k: comparable(v) for k, v in obj.items()
+                if not (k.endswith("_s") or k.startswith("ms_") or any(w in k for w in skip))}
+    if isinstance(obj, list):
+        return [comparable(v) for v in obj]
+    return round(obj, 5) if isinstance(obj, float) else obj
+
+
+def assert_jobs_equal(cwd: Path, reference: Path) -> set[str]:
+    """Every per-job output under JOB_OUTPUTS in `cwd` equals the same file in `reference` (a run over a
+    grid holding these jobs): JSON records without wall times, tuned tensors to float32 rounding
+    (summation order may differ between two processes, e.g. with a buffer's memory alignment), every
+    other file (embeddings, hierarchy, tasks, prototypes) byte for byte. Returns the directories compared."""
+    import json
+
+    import torch
+
+    from gram.tensorio import load_tensors
+
+    compared = set()
+    for top in JOB_OUTPUTS:
+        # manifests record modification times: their directories' content is what is compared
+        files = sorted(f for f in (cwd / top).rglob("*") if f.is_file() and not f.name.endswith(".manifest.json"))
+        assert files, top
+        for f in files:
+            rel = f.relative_to(cwd)
+            other = reference / rel
+            assert other.is_file(), f"{rel}: in {cwd}, not in the reference run"
+            if f.suffix == ".json":
+                assert comparable(json.loads(f.read_text())) == comparable(json.loads(other.read_text())), rel
+            elif f.suffix == ".safetensors" and top.startswith("models/"):
+                (a, ma), (b, mb) = load_tensors(f), load_tensors(other)
+                assert ma == mb and a.keys() == b.keys(), rel
+                for k in a:
+                    torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{rel}: {k}: {m}")
+            elif f.suffix != ".png":
+                assert f.read_bytes() == other.read_bytes(), rel
+            compared.add(top.split("/")[-1])
+    return compared
+
+
 @pytest.fixture(scope="session")
 def tiny_snakemake_run(tmp_path_factory) -> Path:
-    """The tiny DAG over TINY_GRID, run by `snakemake --cores 2` in a copy of the project.
+    """The tiny DAG over TINY_GRID, run by `snakemake --cores 2 --max-threads 1` in a copy of the project.
 
     Tests may dry-run with edited params but must restore params.yaml (see `edited_params`)."""
     from test_pipeline_parity import copy_project, run
 
     cwd = copy_project(tmp_path_factory.mktemp("smk"), "tiny", TINY_GRID)
-    run(["snakemake", "--cores", "2", "--nocolor"], cwd)
+    run(["snakemake", "--cores", "2", "--max-threads", "1", "--nocolor"], cwd)
     return cwd
 
 
 @pytest.fixture(scope="session")
 def tiny_dvc_run(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
-    """The tiny DAG over TINY_GRID, run by `dvc repro` in a git repository whose dvc.lock is committed and
-    whose outputs are pushed to the project's default remote (`../gram-dvc-remote` beside it).
+    """The tiny DAG over SMALL_GRID, run by `dvc repro` (one thread per stage) in a git repository whose
+    dvc.lock is committed and whose outputs are pushed to the project's default remote
+    (`../gram-dvc-remote` beside it).
 
     Returns the repository and the outputs as published (later tests rerun stages in the repository)."""
     from test_pipeline_parity import copy_project, run
 
-    src = copy_project(tmp_path_factory.mktemp("team") / "src", "tiny", TINY_GRID)
+    src = copy_project(tmp_path_factory.mktemp("team") / "src", "tiny", SMALL_GRID)
     shutil.rmtree(src / ".dvc")
     shutil.copy2(ROOT / ".gitignore", src / ".gitignore")
     run([*GIT, "init", "-q"], src)
@@ -186,12 +252,27 @@ def tiny_dvc_run(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     shutil.copy2(ROOT / ".dvc/config", src / ".dvc/config")  # the project's default remote
     run([*GIT, "add", "-A"], src)
     run([*GIT, "commit", "-q", "-m", "pipeline"], src)
-    run(["dvc", "repro"], src)
+    run(["dvc", "repro"], src, env=ONE_THREAD)
     run([*GIT, "add", "-A"], src)
     run([*GIT, "commit", "-q", "-m", "dvc.lock"], src)
     out = run(["dvc", "push"], src)
     assert "pushed" in out, out
     return src, dvc_outputs(src)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start the SLURM run in the background when a test that reads it is selected (test_slurm.py)."""
+    if config.option.collectonly or not any("slurm_run" in getattr(i, "fixturenames", ()) for i in items):
+        return
+    module = sys.modules.get("test_slurm")
+    if module is not None:
+        module.Background.start(Path(tempfile.mkdtemp(prefix="gram-slurm-run-")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    module = sys.modules.get("test_slurm")
+    if module is not None and module.Background.run is not None:
+        module.Background.stop()
 
 
 @contextlib.contextmanager

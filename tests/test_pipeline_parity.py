@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,8 +33,10 @@ def copy_project(dest: Path, profile: str, grid: dict | None = None, edit=None) 
     return dest
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 1800) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], cwd: Path, timeout: int = 1800, env: dict[str, str] | None = None) -> str:
+    """`cmd` in `cwd` (with `env` added to the environment); its output, or a failure showing its end."""
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SMALL_GRID, SMALL_JOBS, assert_jobs_equal
 from test_pipeline_parity import copy_project, run
 
 sys.path.insert(0, str(ROOT / "tests" / "slurm"))
@@ -28,13 +28,7 @@ import cluster  # noqa: E402  (tests/slurm/cluster.py, also a command-line tool)
 
 pytestmark = pytest.mark.slow
 
-# every rule kind once: download, backbone, zero-shot, few-shot/base-to-new/transfer tuning of a plain and
-# a GRAM method, the structure stages, meta-training, test-time tuning and both reports (19 jobs)
-GRID = {"methods": ["zeroshot"], "tuned": ["coop"], "meta": ["coop"], "gram": [{"method": "coop+gram", "meta": "coop"}],
-        "datasets": ["subgroup16"], "shots": [2], "seeds": [1], "base_to_new_shots": 2,
-        "transfer": {"dataset": "subgroup16", "shots": 2},
-        "tpt": {"datasets": ["subgroup16"], "words": ["tpt"], "tuned": [], "gram": []}}
-JOBS = 19
+GRID, JOBS = SMALL_GRID, SMALL_JOBS  # every rule kind once (conftest)
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
 
 
@@ -52,6 +46,56 @@ def _why_no_cluster() -> str | None:
     return None
 
 
+# one thread per job, as in the local run (the node has 2 CPUs: two jobs at once); no slurmdbd here, so
+# status comes from squeue, first checked 2 s after a submission or a finished job
+COMMAND = ["snakemake", "--profile", "workflow/profiles/slurm", "--max-threads", "1", "--slurm-status-command",
+           "squeue", "--slurm-init-seconds-before-status-checks", "2", "--nocolor"]
+TIMEOUT = 1500
+
+
+class Background:
+    """The SLURM run of GRID in a copy of the project, started as the session begins (conftest's
+    pytest_collection_modifyitems calls `start` when a test that needs it is selected): the run mostly
+    waits on SLURM's status checks, so the session's other tests use the CPUs meanwhile."""
+
+    run: Background | None = None
+
+    def __init__(self, root: Path):
+        self.cwd = copy_project(root, "tiny", GRID)
+        self.log = self.cwd / "snakemake-slurm.log"
+        self.t0 = time.time()
+        self._out = self.log.open("w")
+        self.proc = cluster.launch(COMMAND, self.cwd, self._out)
+        self.rc: int | None = None
+
+    @classmethod
+    def start(cls, root: Path) -> None:
+        if cls.run is None and _why_no_cluster() is None:
+            try:
+                cluster.start(gpus=2)
+                cls.run = cls(root)
+            except (Exception, SystemExit):  # the fixture starts it again, and that reports why
+                return
+
+    def result(self) -> tuple[Path, str]:
+        if self.rc is None:
+            self.rc = cluster.finish(self.proc, TIMEOUT - (time.time() - self.t0))
+            self._out.close()
+            print(f"SLURM run of {JOBS} jobs: {time.time() - self.t0:.0f} s")
+        out = self.log.read_text()
+        assert self.rc == 0, f"the SLURM run failed (rc {self.rc}):\n{out[-4000:]}"
+        return self.cwd, out
+
+    @classmethod
+    def stop(cls) -> None:
+        """Interrupt a run still going (the session ended before its tests) and stop the cluster."""
+        if cls.run is not None:
+            if cls.run.rc is None:
+                cls.run.rc = cluster.finish(cls.run.proc, 0.001)
+                cls.run._out.close()
+            cluster.stop()
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster():
     why = _why_no_cluster()
@@ -59,43 +103,23 @@ def slurm_cluster():
         if os.environ.get("GRAM_REQUIRE_SLURM") == "1":
             pytest.fail(f"GRAM_REQUIRE_SLURM=1 but no SLURM cluster can be started: {why}")
         pytest.skip(why)
-    cluster.start(gpus=2)
+    cluster.start(gpus=2)  # running already when the background run started it
     yield
+    Background.stop()
     cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory) -> tuple[Path, str]:
-    cwd = copy_project(tmp_path_factory.mktemp("slurm"), "tiny", GRID)
-    log = cwd / "snakemake-slurm.log"
-    t0 = time.time()
-    with log.open("w") as f:
-        # the node has 2 CPUs: cap the rules' threads; no slurmdbd here, so status comes from squeue
-        cmd = [sys.executable, str(ROOT / "tests/slurm/cluster.py"), "run", "--timeout", "1500", "--",
-               "snakemake", "--profile", "workflow/profiles/slurm", "--max-threads", "2",
-               "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "5", "--nocolor"]
-        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
-    out = log.read_text()
-    assert rc == 0, f"the SLURM run failed (rc {rc}):\n{out[-4000:]}"
-    print(f"SLURM run of {JOBS} jobs: {time.time() - t0:.0f} s")
-    return cwd, out
+    if Background.run is None:  # not started with the session (e.g. the module run on its own by name)
+        Background.start(tmp_path_factory.mktemp("slurm"))
+    return Background.run.result()
 
 
 @pytest.fixture(scope="module")
 def local_run(tiny_snakemake_run) -> Path:
     """The session's local Snakemake run of the tiny DAG (conftest.TINY_GRID, a superset of GRID's jobs)."""
     return tiny_snakemake_run
-
-
-def comparable(obj):
-    """A job's JSON record without wall times (and rates or fractions derived from them), floats rounded
-    to 5 decimals (BLAS summation order may differ between two processes in the last bits)."""
-    if isinstance(obj, dict):
-        return {k: comparable(v) for k, v in obj.items()
-                if not (k.endswith("_s") or k.startswith("ms_") or any(w in k for w in ("time", "seconds", "wait")))}
-    if isinstance(obj, list):
-        return [comparable(v) for v in obj]
-    return round(obj, 5) if isinstance(obj, float) else obj
 
 
 def test_every_job_went_through_sbatch(slurm_run):
@@ -128,34 +152,8 @@ def test_gpu_rules_asked_for_a_gpu(slurm_run):
 
 def test_slurm_jobs_equal_the_local_run(slurm_run, local_run):
     """Every job's output of the SLURM run equals the same job's output in the local run."""
-    import json
-
-    import torch
-
-    from gram.tensorio import load_tensors
-
     cwd, _ = slurm_run
-    compared = set()
-    for top in ("results/tiny/eval", "results/tiny/runs", "results/tiny/tpt", "data/tiny/embed", "data/tiny/chc",
-                "data/tiny/tasks", "data/tiny/prototypes", "models/tiny/prompts", "models/tiny/meta"):
-        # manifests record modification times: their directories' content is what is compared
-        files = sorted(f for f in (cwd / top).rglob("*") if f.is_file() and not f.name.endswith(".manifest.json"))
-        assert files, top
-        for f in files:
-            rel = f.relative_to(cwd)
-            other = local_run / rel
-            assert other.is_file(), f"{rel}: written by the SLURM run, not by the local run"
-            if f.suffix == ".json":
-                assert comparable(json.loads(f.read_text())) == comparable(json.loads(other.read_text())), rel
-            elif f.suffix == ".safetensors" and top.startswith("models/"):  # tuned tensors: to float32 rounding
-                (a, ma), (b, mb) = load_tensors(f), load_tensors(other)
-                assert ma == mb and a.keys() == b.keys(), rel
-                for k in a:
-                    torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-            elif f.suffix != ".png":  # embeddings, hierarchy, tasks, prototypes: byte for byte
-                assert f.read_bytes() == other.read_bytes(), rel
-            compared.add(top.split("/")[-1])
-    assert len(compared) == 9
+    assert len(assert_jobs_equal(cwd, local_run)) == 9
     assert "Nothing to be done" in run(["snakemake", "-n", "--cores", "1", "--nocolor"], cwd)
 
 

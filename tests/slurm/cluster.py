@@ -167,14 +167,19 @@ def stop(state: Path = STATE) -> None:
             f.unlink()
 
 
-def run(cmd: list[str], timeout: float, cwd: str | None = None) -> int:
-    """Run `cmd`; past `timeout` seconds interrupt it (SIGINT cancels Snakemake's jobs), then kill it and
-    cancel whatever is still queued. Returns the command's exit status (124 on timeout)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True)  # its own process group
+def launch(cmd: list[str], cwd: str | Path | None = None, stdout=None) -> subprocess.Popen:
+    """Start `cmd` in its own process group (so an interrupt reaches it and its children only)."""
+    return subprocess.Popen(cmd, cwd=cwd, stdout=stdout, stderr=None if stdout is None else subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    """Wait for a `launch`ed command; past `timeout` seconds interrupt it (SIGINT cancels Snakemake's
+    jobs), then kill it; in any case cancel whatever is still queued. Its exit status (124 on timeout)."""
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"tests/slurm/cluster.py: {cmd[0]} ran past {timeout:.0f} s; interrupting it", file=sys.stderr)
+        print(f"tests/slurm/cluster.py: {proc.args[0]} ran past {timeout:.0f} s; interrupting it", file=sys.stderr)
         os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C would: the command and its children
         try:
             proc.wait(timeout=60)
@@ -184,6 +189,11 @@ def run(cmd: list[str], timeout: float, cwd: str | None = None) -> int:
         return 124
     finally:
         subprocess.run(["scancel", "--user", str(os.getuid())], capture_output=True)
+
+
+def run(cmd: list[str], timeout: float, cwd: str | None = None) -> int:
+    """Run `cmd` bounded by `timeout` (see `finish`). Returns the command's exit status (124 on timeout)."""
+    return finish(launch(cmd, cwd), timeout)
 
 
 def main(argv: list[str] | None = None) -> None:
