@@ -101,6 +101,10 @@ class Section:
         """An error about the section as a whole (the loader names it by its dotted key)."""
         return ConfigError(f"{type(self).__name__}: {detail}", key="", detail=detail)
 
+    def invalid_field(self, key: str, detail: str) -> ConfigError:
+        """An error about one field, checked against the others (the loader names its full dotted key)."""
+        return ConfigError(f"{type(self).__name__}: `{key}` {detail}", key=key, detail=detail)
+
 
 def _validate(value: Any, tp: Any, key: str, meta: Mapping) -> Any:
     """Check `value` against the annotation `tp` and the bounds in `meta`; returns the typed value
@@ -360,7 +364,13 @@ class MethodParams(Section):
     deep: bool = _f(True, help="vpt/joint: fresh tokens at every layer (false: first layer only)")
     coupled: bool = _f(True, help="joint: visual tokens also get a learned linear map of the text context")
     optimizer: Literal["adam", "sgd"] = _f("adam", help="optimiser of the prompt parameters")
-    lr: float = _f(2.0e-3, help="peak learning rate (cosine decay to 0)", min=0.0)
+    lr: float = _f(2.0e-3, help="peak learning rate (cosine decay to 0 over the steps after the warm-up)", min=0.0)
+    warmup: int = _f(0, help="first steps at the constant `warmup_lr`, before the cosine decay (CoOp: one epoch; "
+                             "0: none)", min=0)
+    warmup_lr: float = _f(1.0e-5, help="learning rate of the warm-up steps (CoOp: 1e-5)", min=0.0)
+    weight_decay: float = _f(0.0, help="weight decay of θ (CoOp: 5e-4). sgd: L2, wd·θ added to the gradient (as "
+                                       "CoOp's SGD); adam: decoupled, θ ← θ − lr·wd·θ (AdamW). Added by the "
+                                       "optimiser, after ψ_φ regulates the loss gradient", min=0.0)
     steps: int = _f(200, help="optimiser steps", min=0)
     batch_size: int = _f(0, help="images per step (0: all shots, full batch)", min=0)
     C: float = _f(10.0, help="linear-probe: inverse L2 regularisation strength (scikit-learn's C)", min=0.0)
@@ -371,6 +381,9 @@ class MethodParams(Section):
     def check(self) -> None:
         if self.kind == "vpt" and self.n_tokens < 1:
             raise self.invalid("vpt needs n_tokens >= 1")
+        if 0 < self.steps <= self.warmup:
+            raise self.invalid_field("warmup", f"= {self.warmup} leaves none of the {self.steps} steps to the cosine "
+                                               "schedule (it must be below `steps`)")
         if self.meta_init or self.meta_regulator:
             if self.kind == "linear-probe":
                 raise self.invalid("meta_init/meta_regulator apply to prompt methods (coop, vpt, joint), not "

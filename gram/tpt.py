@@ -30,7 +30,9 @@ sequences, views re-encoded per image); tests check that both give the same pred
 
 Output (`gram tpt --dataset D --method M --seed S --out RUN.json`): per domain of `tpt.domains`, the
 scores of the initial prompt on the images themselves (`before`) and after test-time tuning
-(`after`), their mean over domains, the method's config and timings (ms per image).
+(`after`), their mean over domains, the method's config and timings (ms per image). A non-finite
+entropy or context at any step of any image stops the run (`gram.io.DivergedError`, naming the run,
+the image, the step and the value) before anything is written.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from gram.config import TptMethodParams, TptParams, to_dict
 from gram.data.datasets import dataset_domains, split_images
 from gram.evaluate import scores
 from gram.images import normalize_pixels, preprocess
-from gram.io import config_digest, file_sha256, write_json
+from gram.io import check_finite, config_digest, file_sha256, write_json
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, encode_text_embeds, normalize
 from gram.prototypes import load_structure
@@ -327,7 +329,8 @@ def _master(ctx: torch.Tensor) -> torch.Tensor:
 
 def tune_batch(prompts: ClassPrompts, feats: torch.Tensor, ctx0: torch.Tensor, scale: torch.Tensor, steps: int,
                lr: float, weight_decay: float, keep: float, regulator=None,
-               context: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+               context: Callable[[torch.Tensor], torch.Tensor] | None = None, what: str = "tpt",
+               keys: list[str] | None = None) -> dict:
     """TPT of B images at once, each with its own copy of the context.
 
     Args:
@@ -336,9 +339,13 @@ def tune_batch(prompts: ClassPrompts, feats: torch.Tensor, ctx0: torch.Tensor, s
         scale: CLIP's logit scale (exp'd).
         regulator: a frozen `gram.regulator.Regulators` for θ = {"ctx"}, or None.
         context: maps the mean feature of an image's kept views [B, E] to ψ's context h [B, E].
+        what, keys: the run and the B images' keys, as an error names them.
     Returns:
         {"before": [B] predictions at ctx0, "after": [B] after tuning, "ctx": [B, M, D] tuned contexts,
          "kept": [B, k] kept view indices, "loss": [B] entropy at the first step}.
+    Raises:
+        DivergedError at the first step whose entropy or updated context is not finite for some image,
+        naming `what`, that image, the step and the value.
     """
     B, V, _ = feats.shape
     ctx = _master(ctx0).unsqueeze(0).repeat(B, 1, 1).requires_grad_(True)  # [B, M, D]
@@ -365,6 +372,7 @@ def tune_batch(prompts: ClassPrompts, feats: torch.Tensor, ctx0: torch.Tensor, s
                 for b in range(B):
                     g[b] = regulator({"ctx": g[b]}, h[b])["ctx"]
         opt.step()
+        check_finite_batch(what, keys, step + 1, steps, loss.detach(), ctx.detach())
     with torch.no_grad():
         txt = prompts.features(ctx)  # [B, C, E]
         after = torch.einsum("be,bce->bc", feats[:, 0], txt).argmax(-1)
@@ -372,6 +380,18 @@ def tune_batch(prompts: ClassPrompts, feats: torch.Tensor, ctx0: torch.Tensor, s
             before = after
     return {"before": before, "after": after, "ctx": ctx.detach(), "kept": kept,
             "loss": first_loss if first_loss is not None else torch.full((B,), float("nan"))}
+
+
+def check_finite_batch(what: str, keys: list[str] | None, step: int, total: int, loss: torch.Tensor,
+                       ctx: torch.Tensor) -> None:
+    """`gram.io.check_finite` for B images tuned together: losses [B] and their contexts [B, M, D] after
+    the step. One reduction (one host sync) per step; only when it fails are the images looked at one by
+    one, to name the first that diverged (by its key, else its index in the batch)."""
+    if bool(torch.isfinite(loss).all() & torch.isfinite(ctx).all()):
+        return
+    for b in range(len(loss)):
+        image = keys[b] if keys is not None else f"#{b} of the batch"
+        check_finite(f"{what}, image {image}", step, total, float(loss[b]), [("ctx", ctx[b])])
 
 
 def tpt_reference(learner, views: torch.Tensor, names: list[str], ctx0: torch.Tensor, steps: int, lr: float,
@@ -448,14 +468,16 @@ class TestTimeTuner:
         return frozen_features(self.learner, views, self.image_batch)
 
     def run(self, images: np.ndarray, keys: list[str], names: list[str], seed: int, augment: str = "crop-flip",
-            progress: bool = False, cache: str | Path | None = None) -> dict:
+            progress: bool = False, cache: str | Path | None = None, what: str = "tpt") -> dict:
         """Tune on every image of `images` [N, H, W, 3] independently; returns numpy predictions
         (`before`, `after`) [N], the first-step entropies [N], the seconds spent on views, image
         features and tuning, and whether the view features came from `cache`.
 
         `cache`: a safetensors file for the view features [N, V, E]; read if it exists, else written.
         The caller names it by everything the features depend on (`views_cache_name`): the methods
-        of one seed share the views, so their jobs encode them once."""
+        of one seed share the views, so their jobs encode them once.
+        `what`: the run, as a `DivergedError` names it (with the image's key); the cache is written only
+        after the last image, so a run that diverges leaves none."""
         cfg, dev = self.cfg, self.learner.backbone.device
         prompts = ClassPrompts(self.learner, names, self.shared_prefix)
         scale = self.learner.clip.logit_scale.exp().float().detach()
@@ -488,7 +510,7 @@ class TestTimeTuner:
                 feats = cached[i:i + len(rows)].to(dev)
             t2 = _clock(dev)
             out = tune_batch(prompts, feats, self.ctx0, scale, cfg.steps, cfg.lr, cfg.weight_decay, cfg.keep,
-                             self.regulator, self.context)
+                             self.regulator, self.context, what, [keys[j] for j in rows])
             t3 = _clock(dev)
             before.append(out["before"].cpu())
             after.append(out["after"].cpu())
@@ -548,7 +570,9 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
     """One (dataset, test-time method, seed) run over every domain of `tpt.domains` (empty: all the dataset's
     domains); writes `out`.
     `profile` names the profile `prof` is (for messages; default the file's `profile:`); `views_cache`, a
-    directory where the view features of a (split, seed) are kept for the other methods' jobs."""
+    directory where the view features of a (split, seed) are kept for the other methods' jobs.
+    Raises DivergedError (nothing written to `out`; of `views_cache`, only the view features of domains
+    finished before, which do not depend on the tuning) when an image's tuning goes non-finite."""
     cfg, profile = prof.tpt, profile or params.profile
     if method not in cfg.methods:
         raise KeyError(f"test-time method {method!r} is not defined in {profile}.tpt.methods "
@@ -595,7 +619,8 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
             cache = Path(views_cache) / views_cache_name(fp, cfg, augment, seed, sp.keys,
                                                          tuner.images_per_batch(len(sp.classes)), tuner.image_batch,
                                                          bb.device, bb.dtype)
-        res = tuner.run(sp.images, sp.keys, sp.classes, seed, augment, progress, cache)
+        res = tuner.run(sp.images, sp.keys, sp.classes, seed, augment, progress, cache,
+                        what=f"tpt {method} ({dataset}, domain {domain}, seed {seed})")
         wall = time.time() - t0
         d = {"domain": domain, "n": int(len(sp.labels)), "classes": len(sp.classes),
              "before": scores(res["before"], sp.labels, len(sp.classes)),

@@ -16,8 +16,10 @@ Building blocks:
   seeded hash of each item's key, so the subset depends only on (dataset, k, seed) and not on file
   order; its hash is recorded with every result.
 - `tune(learner, pixels, labels, names, ...)`: cross-entropy of the learner's logits; Adam or SGD
-  with momentum under a cosine schedule. Image features are computed once when θ has no visual
-  part and text features once when it has no text part.
+  with momentum under a cosine schedule, after an optional warm-up at a constant small learning rate,
+  with optional weight decay (CoOp's recipe: SGD 2e-3, one warm-up epoch at 1e-5, weight decay 5e-4;
+  a recipe's `warmup`, `warmup_lr` and `weight_decay`). Image features are computed once when θ has
+  no visual part and text features once when it has no text part.
 - `LinearProbe`: L2-regularised logistic regression on frozen image features (scikit-learn).
 - GRAM methods (`meta_init`, `meta_regulator`; `--meta` = the meta-train output of the method's
   recipe in `grid.gram`): start from the meta-learned θ and/or pass every gradient through the frozen
@@ -62,6 +64,8 @@ def max_shots(labels: np.ndarray, class_ids: list[int]) -> int:
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: float = 1.0e-5) -> float:
+    """The learning rate of step `step` (0-based) of `total`: `warmup_lr` for the first `warmup` steps (CoOp's
+    constant warm-up), then `base` decaying to 0 along a half cosine over the remaining steps."""
     if step < warmup:
         return warmup_lr
     t = (step - warmup) / max(1, total - warmup)
@@ -70,13 +74,18 @@ def cosine_lr(step: int, total: int, base: float, warmup: int = 0, warmup_lr: fl
 
 def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], steps: int = 200,
          lr: float = 2.0e-3, batch_size: int = 32, optimizer: str = "sgd", momentum: float = 0.9,
-         warmup: int = 0, warmup_lr: float = 1.0e-5, seed: int = 0, progress: bool = False,
-         regulator=None, what: str = "tune") -> list[float]:
+         warmup: int = 0, warmup_lr: float = 1.0e-5, weight_decay: float = 0.0, seed: int = 0,
+         progress: bool = False, regulator=None, what: str = "tune") -> list[float]:
     """Tune the learner's θ in place on (pixels, labels); returns the loss of every step.
 
     Args:
         pixels: preprocessed images [N, 3, H, W]; labels: [N] indices into `names`.
         batch_size: images per step (0 or >= N: the full batch every step).
+        warmup, warmup_lr: the first `warmup` steps run at `warmup_lr`, the rest follow the cosine from `lr`
+            (`cosine_lr`).
+        weight_decay: sgd: L2, the optimiser adds weight_decay·θ to the gradient; adam: decoupled
+            (`torch.optim.AdamW`), θ ← θ − lr·weight_decay·θ besides the Adam step. Either way it is the
+            optimiser's, so a regulator does not see it.
         regulator: a frozen `gram.regulator.Regulators` (GRAM's ψ_φ): every step's gradient g of θ is
             replaced by ψ_φ(g; h) before the optimiser sees it, h = the mean frozen image feature of
             the step's images [sibling].
@@ -87,10 +96,10 @@ def tune(learner, pixels: torch.Tensor, labels: torch.Tensor, names: list[str], 
     """
     gen = torch.Generator().manual_seed(seed)
     params = list(learner.parameters())
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
+    if optimizer == "adam":  # AdamW at weight_decay 0 is Adam: the decoupled decay is skipped
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r} (adam or sgd)")
     theta = learner.theta()
@@ -245,7 +254,8 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
             meta_info = {"recipe": mm["recipe"], "sha256": file_sha256(Path(meta_dir) / META),
                          "init": m.meta_init, "regulator": m.meta_regulator}
         losses = tune(learner, preprocess(images, bb.spec), torch.as_tensor(labels), names, m.steps,
-                      m.lr, m.batch_size, m.optimizer, seed=seed, progress=True, regulator=regulator,
+                      m.lr, m.batch_size, m.optimizer, warmup=m.warmup, warmup_lr=m.warmup_lr,
+                      weight_decay=m.weight_decay, seed=seed, progress=True, regulator=regulator,
                       what=f"tune {name} ({dataset}, {shots} shots, seed {seed})")
         clf = Tuned(learner, dataset, class_ids, pc.batch_size)
     info = {"meta": meta_info, "subset_hash": digest, "n_train": int(len(idx)),

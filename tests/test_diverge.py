@@ -50,3 +50,33 @@ def test_a_diverging_meta_training_stops_before_its_checkpoint(tiny_clip_dir, tm
         tensors, meta = load_tensors(state)
         assert int(meta["step"]) < step
         assert all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point())
+
+
+def test_a_diverging_test_time_run_stops_and_writes_nothing(tmp_path, tiny_params, tiny_data, tiny_trained_dir):
+    """TPT's per-image AdamW steps: the first non-finite entropy or context stops the run, naming the image."""
+    from gram import tpt as TPT
+
+    params, prof = tiny_params
+    wild = dataclasses.replace(prof, tpt=dataclasses.replace(prof.tpt, lr=1.0e20, steps=4))
+    out, views = tmp_path / "tpt.json", tmp_path / "views"
+    views.mkdir()
+    with pytest.raises(DivergedError, match=r"tpt tpt \(subgroup16, domain apple, seed 1\), image \S+: "
+                                            r"(loss = nan|parameter ctx holds (nan|inf)) at step \d of 4"):
+        TPT.run(params, wild, "subgroup16", "tpt", 1, tiny_data, tiny_trained_dir, out, progress=False,
+                views_cache=views)
+    assert not out.exists() and list(views.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["views"]  # no temporary file left either
+
+
+def test_a_batch_check_names_the_first_image_that_diverged():
+    from gram.tpt import check_finite_batch
+
+    ctx = torch.zeros(3, 2, 4)
+    check_finite_batch("tpt x", ["a", "b", "c"], 1, 1, torch.ones(3), ctx)  # finite: no error
+    ctx[2, 1, 0] = float("nan")
+    with pytest.raises(DivergedError, match=r"tpt x, image c: parameter ctx holds nan at step 2 of 3"):
+        check_finite_batch("tpt x", ["a", "b", "c"], 2, 3, torch.ones(3), ctx)
+    with pytest.raises(DivergedError, match=r"tpt x, image b: loss = inf at step 1 of 1"):
+        check_finite_batch("tpt x", ["a", "b", "c"], 1, 1, torch.tensor([0.5, float("inf"), 0.5]), ctx)
+    with pytest.raises(DivergedError, match=r"tpt x, image #2 of the batch: parameter ctx"):
+        check_finite_batch("tpt x", None, 1, 1, torch.ones(3), ctx)

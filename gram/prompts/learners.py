@@ -4,7 +4,9 @@
   `[BOS] ctx_1..ctx_M name suffix [EOS]`, unified (one context for all classes) or class-specific.
   Initialised at random or from the words of a template: `"a {} emoji"` gives ctx = the embeddings
   of "a" and the suffix "emoji", so that at initialisation the text features equal
-  `get_text_features("a <name> emoji")`.
+  `get_text_features("a <name> emoji")`. At random, the prompt is CoOp's `"X X X X <name>."`: M
+  vectors of N(0, 0.02²) and the suffix ".", which CoOp appends to every class name; a template's
+  text after `{}` is kept as written (no "." is added to "a {} emoji").
 - VPT [sibling: Jia et al.]: P learnable tokens after the class token of the vision transformer,
   shallow (first layer only) or deep (fresh tokens at every layer).
 - Joint [abstract: "mutually enhanced" textual and visual prompts; the coupling is ours]: both, and
@@ -44,7 +46,8 @@ class PromptLearner(nn.Module):
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.n_ctx = 0
-        self.suffix: list[int] = []
+        self.suffix_text = ""  # text after the class name, as the template writes it (" emoji", ".")
+        self.suffix: list[int] = []  # its ids alone, kept whole when a long name is cut
 
     # -- the frozen model ---------------------------------------------------------------------
     @property
@@ -64,14 +67,20 @@ class PromptLearner(nn.Module):
 
     # -- text ---------------------------------------------------------------------------------
     def prompt_ids(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [C, L] = [BOS] + M placeholders + name + suffix + [EOS] (+ padding), and EOS positions [C]."""
+        """ids [C, L] = [BOS] + M placeholders + name + suffix + [EOS] (+ padding), and EOS positions [C].
+
+        The name and the suffix are tokenized together, as the hard prompt's text is (so "<name>." gives
+        the ids of `tokenizer("<name>.")` even where a tokenizer joins a name's last character with the
+        "."); a name too long for the context is cut and the suffix's own ids follow it whole."""
         rows, eos = [], []
         room = self.context - 2 - self.n_ctx - len(self.suffix)
         if room < 1:
             raise ValueError(f"{self.n_ctx} context tokens and a suffix of {len(self.suffix)} leave no room "
                              f"for the class name in a context of {self.context}")
         for name in names:
-            body = self.word_ids(name)[:room] + self.suffix
+            body = self.word_ids(name + self.suffix_text)
+            if len(body) > room + len(self.suffix):
+                body = self.word_ids(name)[:room] + self.suffix
             rows.append([self.bos] + [self.pad] * self.n_ctx + body + [self.eos])
             eos.append(len(rows[-1]) - 1)
         length = max(map(len, rows))
@@ -126,10 +135,12 @@ def _visual_tokens(clip, n_tokens: int, deep: bool, generator: torch.Generator |
 
 
 def _split_template(template: str) -> tuple[str, str]:
+    """The words before "{}" (stripped) and the text after it, as written (" emoji": its space matters when
+    it is tokenized together with the class name)."""
     if "{}" not in template:
         return template, ""
     before, after = template.split("{}", 1)
-    return before.strip(), after.strip()
+    return before.strip(), after.rstrip()
 
 
 class CoOp(PromptLearner):
@@ -138,7 +149,8 @@ class CoOp(PromptLearner):
     Args:
         backbone: a loaded `gram.backbone.Backbone`.
         init: a template such as "a {} emoji" (context = its words before "{}", fixed suffix = the
-            words after), or None for random context vectors.
+            words after), or None for `n_ctx` random context vectors and CoOp's suffix "." (the prompt
+            "X X X X <name>.").
         n_ctx: number of context vectors when `init` is None.
         class_specific: one context per class (then `text_features` takes the classes in order).
         n_classes: required with `class_specific`.
@@ -153,11 +165,13 @@ class CoOp(PromptLearner):
             ids = self.word_ids(prefix)
             if not ids:
                 raise ValueError(f"CoOp init template {init!r} has no words before the class name")
-            self.suffix = self.word_ids(suffix)
+            self.suffix_text = suffix
             with torch.no_grad():
                 ctx = emb(torch.tensor(ids, device=emb.weight.device)).float()  # [M, D]
         else:
+            self.suffix_text = "."  # CoOp's prompt: " ".join(["X"] * M) + " " + name + "."
             ctx = torch.randn(n_ctx, emb.embedding_dim, generator=generator) * 0.02
+        self.suffix = self.word_ids(self.suffix_text) if self.suffix_text else []
         self.n_ctx = ctx.shape[0]
         if class_specific:
             if not n_classes:
