@@ -233,7 +233,9 @@ def manifest_of(path: str) -> str:
 # --------------------------------------------------------------------------------------------
 # code dependencies: the import closure of a stage's module
 # --------------------------------------------------------------------------------------------
-def _module_file(module: str) -> Path | None:
+def module_file(module: str) -> Path | None:
+    """The source file of a module of the package (`gram.a` -> gram/a.py or gram/a/__init__.py), or None
+    (not a module: e.g. a name defined in a package)."""
     base = ROOT.joinpath(*module.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
@@ -241,29 +243,44 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def absolute_module(name: str, importer: str, is_package: bool, level: int) -> str:
+    """The absolute name of `from <level dots><name> import ...` written in module `importer`."""
+    if not level:
+        return name
+    parts = importer.split(".") if is_package else importer.split(".")[:-1]
+    parts = parts[: len(parts) - (level - 1)]
+    return ".".join(parts + ([name] if name else []))
+
+
+def import_statements(path: Path, module: str) -> list[tuple[str, list[str]]]:
+    """Every import in the file `path` of module `module`, anywhere (function bodies too), as (absolute
+    module, imported names): `import a.b` is ("a.b", []), `from .x import f, g` in gram.a.b is
+    ("gram.a.x", ["f", "g"])."""
+    is_package = path.name == "__init__.py"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.extend((a.name, []) for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = absolute_module(node.module or "", module, is_package, node.level)
+            out.append((base, [a.name for a in node.names]))
+    return out
+
+
 def _imports(module: str) -> set[str]:
     """The package modules `module` imports anywhere in its file (function bodies too): `import gram.a.b`
     and `from gram.a import b` (a submodule) name gram.a.b, `from gram.a import name` names gram.a.
     Importing gram.a.b runs gram/a/__init__.py too, unless the importer is inside gram.a already."""
-    path = _module_file(module)
-    package = path.name == "__init__.py"
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = module.split(".") if package else module.split(".")[:-1]
-                parts = parts[: len(parts) - (node.level - 1)]
-                base = ".".join(parts + ([base] if base else []))
-            for a in node.names:
-                sub = f"{base}.{a.name}"
-                found.add(sub if _module_file(sub) else base)
+    for base, names in import_statements(module_file(module), module):
+        if not names:  # import gram.a.b
+            found.add(base)
+        for name in names:  # from gram.a import b: the submodule gram.a.b, or a name defined in gram.a
+            found.add(f"{base}.{name}" if module_file(f"{base}.{name}") else base)
     inside = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
     out = set()
     for name in found:
-        if name.split(".")[0] != PACKAGE or _module_file(name) is None:
+        if name.split(".")[0] != PACKAGE or module_file(name) is None:
             continue
         parts = name.split(".")
         out.add(name)
@@ -281,7 +298,7 @@ def code_deps(module: str) -> tuple[str, ...]:
         if mod not in seen:
             seen.add(mod)
             todo.extend(_imports(mod))
-    return tuple(sorted(str(_module_file(m).relative_to(ROOT)) for m in seen - PLUMBING))
+    return tuple(sorted(str(module_file(m).relative_to(ROOT)) for m in seen - PLUMBING))
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from packaging.version import Version
 
 import fake_conda
 from conftest import ROOT
+from gram.stages import import_statements, module_file
 
 ENVS = ROOT / "workflow" / "envs"
 KINDS = ("cpu", "gpu")
@@ -281,32 +282,13 @@ def test_gpu_resource_marks_the_gpu_rules():
 # 2b. every rule's env provides what its stage imports and runs
 
 
-def module_file(module: str) -> Path | None:
-    """The source file of a module of the gram package, or None if there is none."""
-    base = ROOT.joinpath(*module.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
 def imported_names(path: Path, module: str) -> set[str]:
     """Every module name `path` imports anywhere (functions included); for `from X import a`, both
     X and X.a (the latter may be a module). Relative imports are made absolute."""
-    is_package = path.name == "__init__.py"
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = module.split(".")
-                parts = parts if is_package else parts[:-1]
-                parts = parts[: len(parts) - (node.level - 1)]
-                base = ".".join(parts + ([base] if base else []))
-            names.add(base)
-            names.update(f"{base}.{a.name}" for a in node.names if a.name != "*")
+    for base, imported in import_statements(path, module):
+        names.add(base)
+        names.update(f"{base}.{a}" for a in imported if a != "*")
     return names - {"", "__future__"}
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from conftest import ROOT
+from gram.stages import absolute_module, import_statements
 
 PACKAGE = ROOT / "gram"
 # Imported by every stage and left out of the rerun lists on purpose, see above.
@@ -54,28 +55,16 @@ def module_names() -> dict[str, Path]:
     return out
 
 
-def resolve(name: str, importer: str, is_package: bool, level: int) -> str:
-    """The absolute name of `from <level dots><name> import ...` written in module `importer`."""
-    if not level:
-        return name
-    parts = importer.split(".") if is_package else importer.split(".")[:-1]
-    parts = parts[: len(parts) - (level - 1)]
-    return ".".join(parts + ([name] if name else []))
-
-
 def imports_of(module: str, path: Path, modules: set[str]) -> set[str]:
     """The gram modules `module` imports anywhere in its file (before adding enclosing packages)."""
-    is_package = path.name == "__init__.py"
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = resolve(node.module or "", module, is_package, node.level)
-            for alias in node.names:
-                # `from gram.a import b`: the submodule gram.a.b if there is one, else a name in gram.a
-                sub = f"{base}.{alias.name}"
-                out.add(sub if sub in modules else base)
+    for base, names in import_statements(path, module):
+        if not names:
+            out.add(base)
+        for name in names:
+            # `from gram.a import b`: the submodule gram.a.b if there is one, else a name in gram.a
+            sub = f"{base}.{name}"
+            out.add(sub if sub in modules else base)
     return {name for name in out if name in modules}
 
 
@@ -190,8 +179,9 @@ def test_relative_and_submodule_imports_resolve(tmp_path):
                     "def f():\n    import gram.c.d\n    from gram.c import name\n")
     modules = {"gram", "gram.a", "gram.a.b", "gram.c", "gram.c.d"}
     assert imports_of("gram.a", path, modules) == {"gram.a.b", "gram.a", "gram.c.d", "gram.c"}
-    assert resolve("", "gram.a.b", False, 1) == "gram.a"
-    assert resolve("x", "gram.a.b", False, 2) == "gram.x"
+    assert absolute_module("", "gram.a.b", False, 1) == "gram.a"
+    assert absolute_module("x", "gram.a.b", False, 2) == "gram.x"
+    assert absolute_module("x", "gram.a", True, 1) == "gram.a.x"
 
 
 def test_graph_counts_function_level_imports_and_enclosing_packages():
