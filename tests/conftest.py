@@ -260,13 +260,15 @@ def tiny_dvc_run(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     return src, dvc_outputs(src)
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
 def pytest_collection_modifyitems(session, config, items):
     """Start the SLURM run in the background when a test that reads it is selected (test_slurm.py)."""
     if config.option.collectonly or not any("slurm_run" in getattr(i, "fixturenames", ()) for i in items):
         return
     module = sys.modules.get("test_slurm")
     if module is not None:
-        module.Background.start(Path(tempfile.mkdtemp(prefix="gram-slurm-run-")))
+        factory = getattr(config, "_tmp_path_factory", None)  # the session's tmp_path_factory (pytest's tmpdir plugin)
+        module.Background.start(factory.mktemp("slurm") if factory else Path(tempfile.mkdtemp(prefix="gram-slurm-")))
 
 
 def pytest_sessionfinish(session, exitstatus):
