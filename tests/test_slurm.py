@@ -134,7 +134,7 @@ def test_every_job_went_through_sbatch(slurm_run):
         assert "--executor slurm-jobstep" in text or "slurm-jobstep" in text, path
         rules.add(Path(path).parts[-3].removeprefix("rule_"))
         info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-        assert "JobState=COMPLETED" in info, info  # MinJobAge=3600 keeps finished jobs visible (the run ends long before)
+        assert "JobState=COMPLETED" in info, info  # MinJobAge=3600 keeps finished jobs visible this long
     assert rules == {"download", "backbone", "evaluate", "few_shot", "base_to_new", "transfer", "embed", "cluster",
                      "tasks", "prototypes", "meta", "tpt", "report", "tpt_report"}
 
