@@ -50,14 +50,6 @@ TIMINGS = "timings.csv"  # the report's wall times (see the module docstring)
 TPT_TIMINGS = "test_time_timings.csv"  # the test-time report's wall times
 
 
-def domain_roles(prof: ProfileParams) -> dict[str, str]:
-    roles: dict[str, str] = {}
-    for role, name in (("pretrain", "pretrain"), ("meta", "meta-train"), ("heldout", "held out")):
-        for v in getattr(prof.data.vendors, role):
-            roles.setdefault(v, name)
-    return roles
-
-
 def eval_domains(prof: ProfileParams, eval_dir: Path, method: str, datasets: list[str]) -> dict[str, list[str]]:
     """The domains of each dataset in the zero-shot table: `evaluate.domains`, or (empty: every domain of
     each dataset) those the evaluate stage wrote, the protocols' domain first and its shifts in their order."""
@@ -352,7 +344,7 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
         raise ValueError(f"profile {profile}: nothing to report (grid.methods and evaluate.datasets must both be "
                          "non-empty)")
     domains = eval_domains(prof, eval_dir, methods[0], datasets)
-    roles = domain_roles(prof)
+    roles = tables.domain_roles(prof)
     rows = collect(eval_dir, methods, datasets, domains)
     backbone = None
     if backbone_dir is not None and (Path(backbone_dir) / "pretrain.json").exists():
@@ -415,7 +407,7 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
     if not (g.tpt.datasets and methods):
         raise ValueError("grid.tpt has no datasets or no methods: no test-time table to write")
     wanted, seeds = list(prof.tpt.domains), list(g.seeds)  # empty: every domain of each dataset, as tpt ran it
-    roles = domain_roles(prof)
+    roles = tables.domain_roles(prof)
     md = [f"# Test-time prompt tuning ({profile})", "",
           f"Class-balanced accuracy (%) on the {prof.tpt.split} split, mean ± std over seeds {seeds} (the seed "
           f"draws the {prof.tpt.views} views of each image and picks the few-shot prompt's run). Each image is tuned "
@@ -441,7 +433,12 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
                     raise ValueError(f"{tpt_dir / ds / m / f's{s}.json'}: domains {have}, but tpt.domains is "
                                      f"{wanted or 'every domain of ' + ds} ({domains} in the other runs); rerun it")
         head = [f"{d} ({roles.get(d, '')})" if roles.get(d) else d for d in domains]
-        md += [f"## {ds}", "", "| | " + " | ".join(head) + " | mean |", "|---|" + "---:|" * (len(domains) + 1)]
+        md += [f"## {ds}", ""]
+        seen = [d for d in domains if roles.get(d) == "meta-train"]
+        if seen:
+            md += [f"Meta-training read the image-text pairs of {', '.join(f'`{d}`' for d in seen)} (no class labels): "
+                   "for the GRAM rows that domain is not unseen.", ""]
+        md += ["| | " + " | ".join(head) + " | mean |", "|---|" + "---:|" * (len(domains) + 1)]
         labels, means, stds = [], [], []
         for label, m, stage in _tpt_rows(g, records):
             per = np.array([[d[stage]["balanced_accuracy"] for d in records[m][s]["domains"]] for s in seeds])  # [S, D]

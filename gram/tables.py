@@ -161,8 +161,24 @@ def base_to_new(runs: Runs, domain: str | None) -> tuple[str, str, dict]:
     return "\n".join(md) + "\n", _csv(head, csv_rows), metrics
 
 
-def transfer(runs: Runs, protocol: str, targets: list[str], domain: str | None) -> tuple[str, str, dict]:
-    """Cross-dataset or domain-generalisation: the source column comes from the few-shot runs."""
+def domain_roles(prof) -> dict[str, str]:
+    """domain -> its role in training (`data.vendors`: "pretrain", "meta-train", "held out"); the first wins."""
+    roles: dict[str, str] = {}
+    for role, name in (("pretrain", "pretrain"), ("meta", "meta-train"), ("heldout", "held out")):
+        for v in getattr(prof.data.vendors, role):
+            roles.setdefault(v, name)
+    return roles
+
+
+def transfer(runs: Runs, protocol: str, targets: list[str], domain: str | None,
+             roles: dict[str, str] | None = None) -> tuple[str, str, dict]:
+    """Cross-dataset or domain-generalisation: the source column comes from the few-shot runs.
+
+    Domain generalisation names each target domain's role in training (`roles`, `domain_roles`). A target
+    that is a meta-training domain is not unseen for GRAM methods (meta-training read its image-text
+    pairs, without class labels): the table then adds `average (unseen)`, the mean over the other
+    targets (per run, then over seeds), and says why."""
+    roles = roles or {}
     g = runs.grid
     src, k = g.transfer.dataset, g.transfer.shots
     if protocol == "cross-dataset":
@@ -176,19 +192,31 @@ def transfer(runs: Runs, protocol: str, targets: list[str], domain: str | None) 
             "other domains.")
         source_name = domain
     md = preamble(title, runs, what, None)
-    head = ["method", f"{source_name} (source)"] + targets + ["average"]
+    seen = [t for t in targets if roles.get(t) == "meta-train"] if protocol == "domain-generalisation" else []
+    unseen = [t for t in targets if t not in seen]
+    if seen:
+        md += ["", f"Meta-training read the image-text pairs of {', '.join(f'`{t}`' for t in seen)} (no class "
+               "labels): for the GRAM methods that domain is not unseen. `average (unseen)` leaves it out."]
+    labels = [f"{t} ({roles[t]})" if protocol == "domain-generalisation" and roles.get(t) else t for t in targets]
+    extra = ["average (unseen)"] if seen and unseen else []
+    head = ["method", f"{source_name} (source)"] + labels + ["average"] + extra
     rows, csv_rows, metrics = [], [], {}
     for m in runs.zs + runs.tuned:
         source = Cell([target_value(r, "all") for r in runs.records(m, "few-shot", src, k)])
         recs = runs.records(m, protocol, src, k)
         cells = [Cell([target_value(r, t) for r in recs]) for t in targets]
         avg = Cell([r["summary"][METRIC] for r in recs])
-        rows.append([m, source.text()] + [c.text() for c in cells] + [avg.text()])
+        more = []
+        if extra:
+            per_run = [[target_value(r, t) for t in unseen] for r in recs]
+            more = [Cell([float(np.mean(v)) if None not in v else None for v in per_run])]
+        rows.append([m, source.text()] + [c.text() for c in cells] + [avg.text()] + [c.text() for c in more])
         metrics[m] = {"source": source.record(), **{t: c.record() for t, c in zip(targets, cells)},
-                      "average": avg.record()}
-        csv_rows.append([m] + [_num(c.mean) for c in [source, *cells, avg]] + [len(recs)])
+                      "average": avg.record(), **({"average_unseen": more[0].record()} if more else {})}
+        csv_rows.append([m] + [_num(c.mean) for c in [source, *cells, avg, *more]] + [len(recs)])
     md += ["", *_md_table(head, rows)]
-    return "\n".join(md) + "\n", _csv(["method", "source", *targets, "average", "n"], csv_rows), metrics
+    csv_head = ["method", "source", *targets, "average"] + (["average_unseen"] if extra else []) + ["n"]
+    return "\n".join(md) + "\n", _csv(csv_head, csv_rows), metrics
 
 
 def _run_records(runs: Runs, prof):
@@ -292,7 +320,7 @@ def run(grid, prof, eval_dir: str | Path, runs_dir: str | Path, out: str | Path)
         elif protocol == "base-to-new":
             md, table, summary[protocol] = base_to_new(runs, pc.domain)
         else:
-            md, table, summary[protocol] = transfer(runs, protocol, list(targets), pc.domain)
+            md, table, summary[protocol] = transfer(runs, protocol, list(targets), pc.domain, domain_roles(prof))
         write_text(out / f"{name}.md", md)
         write_text(out / f"{name}.csv", table)
     plot_few_shot(summary["few-shot"], runs, out / "few_shot.png")

@@ -425,3 +425,18 @@ def test_the_report_stages_declare_the_timings():
     for stage, name in (("report", R.TIMINGS), ("tpt-report", R.TPT_TIMINGS)):
         assert f"results/{{profile}}/{name}" in S.stage(stage).outputs.values()
         assert f"results/${{profile}}/{name}" in dvc[stage]["outs"]
+
+
+def test_the_test_time_table_marks_the_meta_training_domain(tmp_path):
+    """A test-time domain that meta-training read is labelled so, with a note on the GRAM rows."""
+    from gram import config as C
+
+    def edit(raw):
+        raw["tiny"]["tpt"]["domains"] = ["apple", "facebook"]  # facebook: the tiny profile's meta vendor
+
+    params, prof = C.load(params_with(tmp_path, edit, profile="tiny"), "tiny")
+    tpt_records(tmp_path / "tpt", params, prof, 1.0)
+    R.test_time(params, "tiny", tmp_path / "tpt", tmp_path / "out")
+    md = (tmp_path / "out" / "test_time.md").read_text()
+    assert "| | apple (held out) | facebook (meta-train) | mean |" in md
+    assert "Meta-training read the image-text pairs of `facebook` (no class labels)" in md

@@ -427,3 +427,33 @@ def test_wall_times_stay_out_of_the_tables(tmp_path):
         if not f.endswith(".png"):
             assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
 
+
+
+def test_domain_generalisation_marks_the_meta_training_domain(tmp_path: Path, monkeypatch):
+    """A target domain that meta-training read is labelled, and `average (unseen)` leaves it out."""
+    from gram.config import DataParams, VendorParams
+
+    dg = ["google", "facebook"]
+    prof = dataclasses.replace(PROF, protocols=dataclasses.replace(PROF.protocols, domain_generalisation=dg),
+                               data=DataParams(vendors=VendorParams(pretrain=["google"], meta=["facebook"],
+                                                                    heldout=["apple"])))
+    values = {"coop": {"google": [0.1, 0.2, 0.3], "facebook": [0.9, 0.8, 0.7]},
+              "linear-probe": {"google": [0.3, 0.4, 0.5], "facebook": [0.5, 0.5, 0.5]}}
+    zs = {"zeroshot": {"google": 0.15, "facebook": 0.35}}
+    for table, new in ((DOMAIN, values), (ZS_DOMAIN, zs)):  # the records write_world writes
+        for m, v in new.items():
+            monkeypatch.setitem(table, m, v)
+    eval_dir, runs_dir = write_world(tmp_path, prof=prof)
+    summary = T.run(GRID, prof, eval_dir, runs_dir, tmp_path / "out")["domain-generalisation"]
+    for m in GRID.tuned:
+        per_run = [statistics.mean(values[m][t][i] for t in dg) for i in range(len(GRID.seeds))]
+        assert_cell(summary[m]["average"], per_run)
+        assert_cell(summary[m]["average_unseen"], values[m]["google"])  # facebook left out
+    assert_cell(summary["zeroshot"]["average_unseen"], [0.15])
+    md = (tmp_path / "out" / "domain_generalisation.md").read_text()
+    assert "| method | apple (source) | google (pretrain) | facebook (meta-train) | average | average (unseen) |" in md
+    assert "Meta-training read the image-text pairs of `facebook`" in md
+    assert md_rows(md)["coop"] == ["50.0 ± 10.0", "20.0 ± 10.0", "80.0 ± 10.0", "50.0 ± 0.0", "20.0 ± 10.0"]
+    rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "domain_generalisation.csv")}
+    assert list(rows["coop"]) == ["method", "source", "google", "facebook", "average", "average_unseen", "n"]
+    assert rows["coop"]["average_unseen"] == "0.2000"
