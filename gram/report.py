@@ -394,6 +394,13 @@ def _tpt_rows(grid, records: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _sample_std(values) -> float:
+    """The sample standard deviation (ddof=1, as the protocol tables report over seeds); 0 for one value."""
+    import numpy as np
+
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path) -> str:
     """test_time.md/.csv/.png from the test-time runs of grid.tpt (see the module docstring)."""
     import matplotlib
@@ -443,11 +450,12 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
         for label, m, stage in _tpt_rows(g, records):
             per = np.array([[d[stage]["balanced_accuracy"] for d in records[m][s]["domains"]] for s in seeds])  # [S, D]
             avg = per.mean(1)  # [S]
-            cells = [f"{100 * per[:, j].mean():.1f} ± {100 * per[:, j].std():.1f}" for j in range(len(domains))]
-            md.append(f"| {label} | " + " | ".join(cells) + f" | **{100 * avg.mean():.1f}** ± {100 * avg.std():.1f} |")
+            cells = [f"{100 * per[:, j].mean():.1f} ± {100 * _sample_std(per[:, j]):.1f}" for j in range(len(domains))]
+            md.append(f"| {label} | " + " | ".join(cells) + f" | **{100 * avg.mean():.1f}** ± "
+                      f"{100 * _sample_std(avg):.1f} |")
             labels.append(label)
             means.append(100 * avg.mean())
-            stds.append(100 * avg.std())
+            stds.append(100 * _sample_std(avg))
             for s in seeds:
                 for d in records[m][s]["domains"]:
                     w.writerow([ds, label, m, stage, s, d["domain"], d["n"], round(d[stage]["accuracy"], 5),
