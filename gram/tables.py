@@ -10,7 +10,11 @@ Outputs under `--out`:
     base_to_new.md / .csv            base, new and harmonic mean per dataset
     cross_dataset.md / .csv          source dataset and every target dataset, and their average
     domain_generalisation.md / .csv  source domain and every target domain, and their average
-    protocols.json                   every cell (mean, std, n) for `dvc metrics`
+    paired.md                        each tuned method minus its reference (a GRAM method: its base recipe;
+                                     others: zero-shot), few-shot and base-to-new, with a 95 % paired
+                                     bootstrap interval over the test classes (`paired_difference`)
+    protocols.json                   every cell (mean, std, n) for `dvc metrics`; the paired differences
+                                     under "paired"
     runs.csv                         one row per (run, target): accuracy and balanced accuracy (the runs' wall
                                      times go to the report's timings.csv, `run_times`)
 
@@ -159,6 +163,123 @@ def base_to_new(runs: Runs, domain: str | None) -> tuple[str, str, dict]:
         md += _md_table(["method", "base", "new", "H"], rows)
     head = ["dataset", "method", "base", "base_std", "new", "new_std", "hm", "hm_std", "n"]
     return "\n".join(md) + "\n", _csv(head, csv_rows), metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# paired differences with a bootstrap interval over classes
+# ------------------------------------------------------------------------------------------------
+BOOTSTRAP = 2000  # resamples of the paired bootstrap
+BOOTSTRAP_SEED = 0  # fixed: the tables are byte-reproducible
+
+
+def reference_of(method: str, runs: Runs) -> str | None:
+    """The method a row is compared with: a GRAM method (`<base>+gram…`) with its base recipe when the grid
+    tunes it, any other tuned method with the first zero-shot method; None for zero-shot methods."""
+    if method in runs.zs:
+        return None
+    base = method.split("+gram", 1)[0]
+    if base != method and base in runs.tuned:
+        return base
+    return runs.zs[0] if runs.zs else None
+
+
+def per_class(recs: list[dict], target: str) -> np.ndarray | None:
+    """[runs, classes] per-class accuracies of `target` (NaN: a class absent from the split); None when a
+    run cannot score the target."""
+    rows = []
+    for rec in recs:
+        r = next(x for x in rec["results"] if x["target"] == target)
+        if not r["applicable"]:
+            return None
+        rows.append([np.nan if v is None else v for v in r["per_class_accuracy"]])
+    return np.asarray(rows, dtype=np.float64)
+
+
+def paired_difference(a: list[np.ndarray], b: list[np.ndarray], combine=None, resamples: int = BOOTSTRAP,
+                      seed: int = BOOTSTRAP_SEED) -> dict:
+    """Δ = mean over a's runs of combine(class-balanced accuracy of each part) minus the same for b, and its
+    95 % paired bootstrap interval over classes.
+
+    Args:
+        a, b: per part (e.g. [all] or [base, new]) the per-class accuracies [runs, classes] of the two
+            methods; b may hold one run (a zero-shot method) or as many as a. Classes absent from the
+            split (NaN in a) are left out.
+        combine: maps the per-part accuracies (each [..., runs]) to the score; default the first part
+            (for base-to-new: the harmonic mean of base and new).
+    Each resample draws the classes of every part with replacement, the same draw for both methods and
+    every run (paired: the class-to-class spread the two share cancels)."""
+    combine = combine or (lambda parts: parts[0])
+    keep = [~np.isnan(pa).any(0) for pa in a]
+    a = [pa[:, k] for pa, k in zip(a, keep)]
+    b = [pb[:, k] for pb, k in zip(b, keep)]
+
+    def score(parts, idx):  # idx per part: [R, C] class draws -> [R] mean over runs of the combined score
+        return combine([p[:, i].mean(-1) for p, i in zip(parts, idx)]).mean(-2)  # p[:, i]: [runs, R, C]
+
+    full = [np.arange(pa.shape[1])[None] for pa in a]
+    delta = float((score(a, full) - score(b, full))[0])
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, pa.shape[1], size=(resamples, pa.shape[1])) for pa in a]
+    lo, hi = np.percentile(score(a, draws) - score(b, draws), [2.5, 97.5])
+    return {"delta": delta, "lo": float(lo), "hi": float(hi), "classes": [int(pa.shape[1]) for pa in a],
+            "resamples": resamples}
+
+
+def _harmonic(parts):
+    base, new = parts
+    total = base + new
+    return np.where(total > 0, 2 * base * new / np.where(total > 0, total, 1.0), 0.0)
+
+
+def _delta_text(d: dict | None) -> str:
+    if d is None:
+        return "–"
+    mark = "" if d["lo"] <= 0 <= d["hi"] else " *"
+    return f"{100 * d['delta']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]{mark}"
+
+
+def paired(runs: Runs) -> tuple[list[str], dict]:
+    """Markdown sections and the protocols.json entry of every (method, reference) pair of
+    `reference_of`: few-shot at every k, base-to-new on base, new and H."""
+    g = runs.grid
+    pairs = [(m, reference_of(m, runs)) for m in runs.tuned]
+    pairs = [(m, ref) for m, ref in pairs if ref is not None]
+    out: dict = {"few-shot": {}, "base-to-new": {}}
+    if not pairs:
+        return [], out
+    md = ["# Paired differences", "",
+          "Each tuned method against its reference (a GRAM method against its base recipe, any other against "
+          f"zero-shot): Δ in points of class-balanced accuracy (mean over seeds) and its 95 % paired bootstrap "
+          f"interval over the test classes ({BOOTSTRAP} resamples, the same classes drawn for both methods and "
+          "every seed); `*`: the interval leaves out 0. It shows how much the finite set of test classes "
+          "alone moves a difference, which a std over seeds does not."]
+    for ds in g.datasets:
+        rows = []
+        for m, ref in pairs:
+            cells = []
+            for k in g.shots:
+                a = per_class(runs.records(m, "few-shot", ds, k), "all")
+                b = per_class(runs.records(ref, "few-shot", ds, k), "all")
+                d = None if a is None or b is None else paired_difference([a], [b])
+                out["few-shot"].setdefault(ds, {}).setdefault(f"{m} vs {ref}", {})[str(k)] = d
+                cells.append(_delta_text(d))
+            rows.append([m, ref] + cells)
+        md += ["", f"## few-shot, {ds}", "", *_md_table(["method", "reference"] + [f"{k}-shot Δ" for k in g.shots],
+                                                       rows)]
+        rows = []
+        for m, ref in pairs:
+            recs = {x: runs.records(x, "base-to-new", ds, g.base_to_new_shots) for x in (m, ref)}
+            parts = {x: [per_class(recs[x], t) for t in ("base", "new")] for x in (m, ref)}
+            ds_out = out["base-to-new"].setdefault(ds, {})[f"{m} vs {ref}"] = {}
+            cells = []
+            for name, idx, combine in (("base", [0], None), ("new", [1], None), ("hm", [0, 1], _harmonic)):
+                a, b = [parts[m][i] for i in idx], [parts[ref][i] for i in idx]
+                d = None if any(x is None for x in a + b) else paired_difference(a, b, combine)
+                ds_out[name] = d
+                cells.append(_delta_text(d))
+            rows.append([m, ref] + cells)
+        md += ["", f"## base-to-new, {ds}", "", *_md_table(["method", "reference", "base Δ", "new Δ", "H Δ"], rows)]
+    return md, out
 
 
 def domain_roles(prof) -> dict[str, str]:
@@ -323,6 +444,9 @@ def run(grid, prof, eval_dir: str | Path, runs_dir: str | Path, out: str | Path)
             md, table, summary[protocol] = transfer(runs, protocol, list(targets), pc.domain, domain_roles(prof))
         write_text(out / f"{name}.md", md)
         write_text(out / f"{name}.csv", table)
+    md, summary["paired"] = paired(runs) if not empty else ([], {"few-shot": {}, "base-to-new": {}})
+    write_text(out / "paired.md", "\n".join(md) + "\n" if md else
+               "# Paired differences\n\nNothing to compare: the grid tunes no method with a reference.\n")
     plot_few_shot(summary["few-shot"], runs, out / "few_shot.png")
     write_text(out / "runs.csv", "" if empty else runs_csv(runs, prof))
     write_json(out / "protocols.json", summary)

@@ -15,6 +15,7 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -28,7 +29,7 @@ GRID = GridParams(methods=["zeroshot"], tuned=["coop", "linear-probe"], datasets
 PROF = ProfileParams(protocols=ProtocolParams(domain="apple", cross_dataset=["other"],
                                               domain_generalisation=["google"]))
 OUTPUTS = ["few_shot.md", "few_shot.csv", "few_shot.png", "base_to_new.md", "base_to_new.csv", "cross_dataset.md",
-           "cross_dataset.csv", "domain_generalisation.md", "domain_generalisation.csv", "runs.csv",
+           "cross_dataset.csv", "domain_generalisation.md", "domain_generalisation.csv", "paired.md", "runs.csv",
            "protocols.json"]
 N_TEST, N_CLASSES = 20, 4
 
@@ -189,7 +190,7 @@ def test_run_writes_every_output(world):
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temporary file left behind
     assert (out / "few_shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "protocols.json").read_text()) == summary
-    assert list(summary) == ["few-shot", "base-to-new", "cross-dataset", "domain-generalisation"]
+    assert list(summary) == ["few-shot", "base-to-new", "cross-dataset", "domain-generalisation", "paired"]
 
 
 def test_few_shot_cells_are_mean_and_sample_std_over_seeds(world):
@@ -369,10 +370,12 @@ def test_an_empty_grid_still_writes_every_output(tmp_path: Path, change: dict):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     assert summary == json.loads((out / "protocols.json").read_text()) == {
-        "few-shot": {}, "base-to-new": {}, "cross-dataset": {}, "domain-generalisation": {}}
+        "few-shot": {}, "base-to-new": {}, "cross-dataset": {}, "domain-generalisation": {},
+        "paired": {"few-shot": {}, "base-to-new": {}}}
     for name in ("few_shot", "base_to_new", "cross_dataset", "domain_generalisation"):
         assert "Nothing to report" in (out / f"{name}.md").read_text()
         assert (out / f"{name}.csv").read_text() == ""
+    assert "Nothing to compare" in (out / "paired.md").read_text()
     assert (out / "runs.csv").read_text() == ""
     assert (out / "few_shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -457,3 +460,64 @@ def test_domain_generalisation_marks_the_meta_training_domain(tmp_path: Path, mo
     rows = {r["method"]: r for r in read_csv(tmp_path / "out" / "domain_generalisation.csv")}
     assert list(rows["coop"]) == ["method", "source", "google", "facebook", "average", "average_unseen", "n"]
     assert rows["coop"]["average_unseen"] == "0.2000"
+
+
+# ------------------------------------------------------------------------------------------------
+# paired differences
+# ------------------------------------------------------------------------------------------------
+def test_paired_difference_equals_a_loop_over_resamples():
+    """Δ and the interval against a direct computation: the same class draws, one resample at a time."""
+    rng = np.random.default_rng(3)
+    a = rng.uniform(size=(3, 7))  # 3 seeds x 7 classes
+    b = rng.uniform(size=(3, 7))
+    a[:, 4] = np.nan  # a class absent from the split: left out
+    b[:, 4] = np.nan
+    d = T.paired_difference([a], [b], resamples=500, seed=11)
+    keep = [0, 1, 2, 3, 5, 6]
+    assert d["delta"] == pytest.approx(np.mean(a[:, keep].mean(1) - b[:, keep].mean(1)), abs=1e-12)
+    draws = np.random.default_rng(11).integers(0, 6, size=(500, 6))
+    diffs = [np.mean(a[:, keep][:, i].mean(1) - b[:, keep][:, i].mean(1)) for i in draws]
+    assert (d["lo"], d["hi"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
+    assert d["classes"] == [6] and d["lo"] <= d["delta"] <= d["hi"]
+    # a deterministic reference (one run) is compared with every seed of the method
+    one = T.paired_difference([a], [b[:1]], resamples=10)
+    assert one["delta"] == pytest.approx(np.mean(a[:, keep].mean(1)) - np.mean(b[0, keep]), abs=1e-12)
+    # identical methods: Δ = 0 and an interval of one point
+    assert T.paired_difference([a], [a.copy()], resamples=50) | {"classes": None} == {
+        "delta": 0.0, "lo": 0.0, "hi": 0.0, "classes": None, "resamples": 50}
+
+
+def test_paired_difference_of_the_harmonic_mean_draws_base_and_new_classes_apart():
+    rng = np.random.default_rng(5)
+    ab, an, bb, bn = (rng.uniform(size=(2, c)) for c in (4, 4, 4, 4))
+    an[:, 1] += 0.5
+    h = lambda base, new: 2 * base * new / (base + new)  # noqa: E731
+    d = T.paired_difference([ab, an], [bb, bn], T._harmonic, resamples=300, seed=2)
+    assert d["delta"] == pytest.approx(np.mean(h(ab.mean(1), an.mean(1)) - h(bb.mean(1), bn.mean(1))), abs=1e-12)
+    gen = np.random.default_rng(2)
+    ib, inew = gen.integers(0, 4, size=(300, 4)), gen.integers(0, 4, size=(300, 4))
+    diffs = [np.mean(h(ab[:, i].mean(1), an[:, j].mean(1)) - h(bb[:, i].mean(1), bn[:, j].mean(1)))
+             for i, j in zip(ib, inew)]
+    assert (d["lo"], d["hi"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), abs=1e-12)
+
+
+def test_paired_table_compares_gram_with_its_base_and_the_rest_with_zero_shot(tmp_path: Path):
+    grid = dataclasses.replace(GRID, tuned=["coop", "linear-probe"])
+    runs = T.Runs(grid, tmp_path, tmp_path)
+    runs.tuned = ["coop", "linear-probe", "coop+gram", "coop+gram-init", "vpt+gram"]
+    assert [T.reference_of(m, runs) for m in ["zeroshot", *runs.tuned]] == [
+        None, "zeroshot", "zeroshot", "coop", "coop", "zeroshot"]  # vpt is not tuned: zero-shot
+
+
+def test_paired_md_and_summary(world):
+    out, summary = world
+    md = (out / "paired.md").read_text()
+    assert md.startswith("# Paired differences\n") and "## few-shot, ds" in md and "## base-to-new, ds" in md
+    assert "| method | reference | 1-shot Δ | 2-shot Δ |" in md
+    # every class scores the same in these records: the interval is the point itself, and it leaves out 0
+    coop = summary["paired"]["few-shot"]["ds"]["coop vs zeroshot"]["1"]
+    assert coop["delta"] == pytest.approx(statistics.mean(FEW_SHOT[("coop", 1)]) - ZS_FEW_SHOT["zeroshot"])
+    assert coop["lo"] == pytest.approx(coop["delta"]) and coop["hi"] == pytest.approx(coop["delta"])
+    assert "| coop | zeroshot | +5.0 [+5.0, +5.0] * |" in md
+    b2n = summary["paired"]["base-to-new"]["ds"]["linear-probe vs zeroshot"]
+    assert b2n["new"] is None and b2n["hm"] is None and b2n["base"] is not None  # no weights for new classes
