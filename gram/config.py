@@ -497,13 +497,18 @@ class PrototypeParams(Section):
 
 @dataclass(frozen=True)
 class RegulatorParams(Section):
-    form: Literal["mix", "gate"] = _f("mix", help="mix: SUPMER-style low-rank map mixed with g by a gate; gate: "
-                                                  "an elementwise sigmoid gate on g (gram/regulator.py)")
-    rank: int = _f(16, help="mix: bottleneck width of the direction map", min=1)
-    hidden: int = _f(32, help="hidden width of the gates", min=1)
-    context: bool = _f(True, help="mix: the gate reads the task context h (mean support image feature); "
-                                  "false: a learned scalar gate")
-    init: float = _f(0.95, help="starting gate value (ψ starts close to the identity)", min=0.0, max=1.0)
+    form: Literal["mix", "gate", "precond"] = _f(
+        "mix", help="mix: SUPMER-style low-rank map mixed with g by a gate (not always a descent direction); gate: "
+                    "an elementwise sigmoid gate on g; precond: (I + U(h)U(h)ᵀ) g, a positive-definite "
+                    "preconditioner conditioned on h, always a descent direction that can change directions "
+                    "(gram/regulator.py)")
+    rank: int = _f(16, help="mix: bottleneck width of the direction map; precond: rank of U(h) (at most the row "
+                            "width)", min=1)
+    hidden: int = _f(32, help="hidden width of the gates and of precond's map from h to U(h)", min=1)
+    context: bool = _f(True, help="mix: the gate reads the task context h (mean support image feature), false: a "
+                                  "learned scalar gate; precond: U reads h, false: a learned constant U")
+    init: float = _f(0.95, help="mix, gate: starting gate value (ψ starts close to the identity); precond ignores "
+                                "it (U starts small)", min=0.0, max=1.0)
     gate_context: bool = _f(False, help="gate: the gate also reads the context h (a linear map of h, zero at the "
                                         "start, added to its hidden layer)")
 
@@ -541,8 +546,12 @@ class MetaParams(Section):
     regulator_lr: float = _f(1.0e-3, help="Adam learning rate of the regulator φ", min=0.0)
     second_order: bool = _f(False, help="differentiate through the support gradient (false: first order in θ; "
                                         "φ gets its exact gradient either way)")
-    reg_lambda: float = _f(0.0, help="weight of the sibling's meta-regulariser (c - sim/2 - cos(g_Q, ψ(g_S))/2)^2 "
-                                     "(form mix only)", min=0.0)
+    reg_lambda: float = _f(
+        0.0, help="weight λ of the sibling's meta-regulariser λ (c - (1 + mean row-wise cos(g_Q, ψ(g_S)))/2)^2 added "
+                  "to the outer loss: pulls the mix gate c towards the agreement of the query gradient at θ' with the "
+                  "regulated support gradient (form mix only). It trains φ (the gate, and ψ through the cosine); it "
+                  "reaches θ only with second_order (first order: g_S and g_Q are detached), otherwise only "
+                  "through φ's effect on θ'", min=0.0)
     symmetric: bool = _f(False, help="text-as-class loss in both directions (image->text and text->image)")
     context: Literal["support", "structure"] = _f(
         "support", help="task context h of ψ: the mean frozen support image feature, or its relation to the "
@@ -560,11 +569,12 @@ class MetaParams(Section):
             raise self.invalid("prompt.class_specific: captions are the classes of a task, so the context must be "
                                "shared")
         if self.reg_lambda > 0 and self.regulator.form != "mix":
-            raise self.invalid(f"reg_lambda > 0 needs regulator.form: mix (it regularises the mix gate), got "
-                               f"{self.regulator.form!r}")
+            raise self.invalid_field("reg_lambda", f"= {self.reg_lambda} > 0 applies to regulator.form: mix only (it "
+                                                   f"regularises the mix gate c; form {self.regulator.form!r} has "
+                                                   "none): set it to 0")
         if self.context == "structure" and not reads_context(self.regulator):
-            raise self.invalid("context: structure needs a regulator that reads h (form: mix with context: true, or "
-                               "form: gate with gate_context: true)")
+            raise self.invalid("context: structure needs a regulator that reads h (form: mix or precond with "
+                               "context: true, or form: gate with gate_context: true)")
 
 
 @dataclass(frozen=True)
@@ -922,7 +932,7 @@ def check_grid(params: Params, profile: str, where: str) -> None:
 
 def reads_context(r: RegulatorParams) -> bool:
     """Whether ψ built from `r` depends on the context h."""
-    return (r.form == "mix" and r.context) or (r.form == "gate" and r.gate_context)
+    return (r.form in ("mix", "precond") and r.context) or (r.form == "gate" and r.gate_context)
 
 
 def check_tpt_grid(params: Params, profile: str, where: str) -> None:
@@ -973,7 +983,7 @@ def check_tpt_grid(params: Params, profile: str, where: str) -> None:
             raise err(f"`{key}`: method {e.method!r} and the prompt of `{profile}.meta.{e.meta}` differ in {diff}")
         if m.regulator == "structure" and not reads_context(r.regulator):
             raise err(f"`{key}`: regulator: structure needs a ψ that reads h, but `{profile}.meta.{e.meta}.regulator` "
-                      "does not (form: mix with context, or gate with gate_context)")
+                      "does not (form: mix or precond with context, or gate with gate_context)")
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -6,7 +6,7 @@ stage's meta-tasks (support and query sets of pairs from different CHC clusters)
 
     g_S  = ∇θ L_S(θ)                        torch.func.grad; detached unless `second_order`
     θ'   = θ − α · ψ_φ(g_S; h)               `inner_steps` times (h: mean frozen support image feature)
-    loss = L_Q(θ') [+ λ (c − sim/2 − cos(g_Q, ψ_φ(g_S))/2)²]
+    loss = L_Q(θ') [+ λ (c − (1 + mean_rows cos(g_Q, ψ_φ(g_S)))/2)²]
     θ, φ ← Adam(∇θ,φ of the mean loss over the batch), each gradient norm-clipped
 
 First order (the default, as in the sibling method [sibling]): ∂θ'/∂θ = I, yet φ gets its exact
@@ -17,8 +17,11 @@ classes, each prompted as `[BOS] θ_text caption [EOS]` (captions truncated to f
 loss = cross-entropy of CLIP's logit scale times cos(f(image_i), g(prompt_j)) with target i (and
 the transposed term with `symmetric`). θ is any prompt method's (CoOp, VPT, joint), so the same
 loop meta-learns text, visual or both prompts. The meta-regulariser [sibling] (λ = `reg_lambda`,
-form "mix" only) pulls the gate c towards half the domain similarity of the two clusters plus half
-the agreement of the query gradient at θ' with the regulated support gradient.
+form "mix" only) pulls the gate c towards SUPMER's target (1 + mean row-wise cos(g_Q, ψ_φ(g_S)))/2:
+the agreement, row by row (one row per prompt token, over all θ tensors), of the query gradient at θ'
+(detached) with the regulated support gradient of the first inner step. Its gradient reaches φ (the gate,
+and ψ through the cosine) but, first order, not θ: g_S and g_Q are detached, so the term does not depend
+on θ; with `second_order` it reaches θ through g_S(θ) inside ψ_φ(g_S).
 
 The corpus (`load_corpus`) holds only what the tasks' pairs need: their captions and frozen image
 features [N, E] (encoded once, in batches), and `Corpus.pixels`, a `gram.data.corpus.LazyPixels` that
@@ -202,7 +205,7 @@ class MetaLearner:
                 first_loss, first_reg = loss.detach(), reg
         return th, first_loss, first_reg
 
-    def task_loss(self, theta, phi, support: np.ndarray, query: np.ndarray, similarity: float):
+    def task_loss(self, theta, phi, support: np.ndarray, query: np.ndarray):
         """The outer loss of one task and its parts (support loss, query loss, gate)."""
         cfg = self.cfg
         with attention_for(cfg.second_order):
@@ -213,14 +216,12 @@ class MetaLearner:
         if cfg.reg_lambda > 0:
             names = list(adapted)
             g_q = torch.autograd.grad(lq, [adapted[n] for n in names], retain_graph=True)
-            a = torch.cat([g.detach().flatten() for g in g_q])
-            b = torch.cat([reg_s[n].flatten() for n in names])
-            cos = F.cosine_similarity(a, b, dim=0)
-            loss = loss + cfg.reg_lambda * ((gate - 0.5 * similarity - 0.5 * cos) ** 2)
+            loss = loss + cfg.reg_lambda * (gate - regulariser_target({n: g.detach() for n, g in zip(names, g_q)},
+                                                                       reg_s)) ** 2
         return loss, ls, lq.detach(), gate.detach()
 
     def gate_value(self, phi, support: np.ndarray) -> torch.Tensor:
-        """Mean "mix" gate c over the regulators at φ (NaN for the "gate" form, which has none)."""
+        """Mean "mix" gate c over the regulators at φ (NaN for the "gate" and "precond" forms, which have none)."""
         if self.cfg.regulator.form != "mix":
             return torch.tensor(float("nan"), device=self.device)
         h = self.context(support) if self.cfg.regulator.context else None
@@ -237,6 +238,20 @@ class MetaLearner:
                 th, _, _ = self.adapt(self.theta, self.phi, s)
             adapted.append(float(self.set_loss({n: v.detach() for n, v in th.items()}, q)))
         return {"query_loss": round(float(np.mean(plain)), 5), "query_loss_adapted": round(float(np.mean(adapted)), 5)}
+
+
+def regulariser_target(g_query: dict[str, torch.Tensor], reg_support: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SUPMER's target of the gate [sibling]: (1 + mean row-wise cos(g_Q, ψ(g_S)))/2, in [0, 1].
+
+    Args:
+        g_query: the query gradient at θ' per θ tensor; reg_support: ψ_φ(g_S) per θ tensor (same names).
+    Returns:
+        a scalar: the rows are the last dimension of each tensor, pooled over all tensors before the mean (a
+        zero row counts as cosine 0).
+    """
+    cos = [F.cosine_similarity(g.reshape(-1, g.shape[-1]), reg_support[n].to(g.dtype).reshape(-1, g.shape[-1]),
+                               dim=-1) for n, g in g_query.items()]  # [rows of tensor n] each
+    return 0.5 * (1.0 + torch.cat(cos).mean())
 
 
 class _Gates(torch.nn.Module):
@@ -343,8 +358,7 @@ def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None
         parts = []
         for t in distributed.shard(ids, world):
             with amp:
-                loss, ls, lq, gate = ml.task_loss(ml.theta, ml.phi, tasks.support[t], tasks.query[t],
-                                                  float(tasks.similarity[t]))
+                loss, ls, lq, gate = ml.task_loss(ml.theta, ml.phi, tasks.support[t], tasks.query[t])
             (loss / len(ids)).backward()  # the whole batch's size: the ranks' sum is the batch mean
             parts.append(torch.stack([ls.float(), lq.float(), gate.float()]))
         distributed.all_reduce_grads(params, world)

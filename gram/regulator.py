@@ -2,16 +2,33 @@
 
 GRAM meta-learns a lightweight function that maps the gradient of the prompt parameters θ to the
 update direction used in the inner loop and in downstream tuning [abstract]. Its form is not public;
-method-notes §2 gives the two we implement, both acting row by row (one row per prompt token, the last
-dimension of a θ tensor) and both starting close to the identity:
+method-notes §2 gives the first two we implement; all act row by row (one row per prompt token, the last
+dimension of a θ tensor) and all start close to the identity:
 
 - "mix" [sibling: SUPMER's form]: ĝ = up(tanh(down(u))) with u the row's direction g/‖g‖ and a rank-r
   bottleneck, rescaled to the row's norm ‖g‖; a gate c = σ(gate(h)) from a task context h (e.g. the mean
   support feature; without a context, a learned scalar); ψ(g; h) = (1 − c)·ĝ + c·g. The gate's last bias
-  starts at logit(`init`) (c ≈ 0.95 by default), so ψ starts near g.
+  starts at logit(`init`) (c ≈ 0.95 by default), so ψ starts near g. ĝ may point anywhere, so ψ is not
+  guaranteed to be a descent direction: in the emoji runs ĝ became nearly the same direction for every input,
+  orthogonal to g, while the gate fell from 0.95 to 0.14 (issue 19), hence "precond" below.
 - "gate" [ours]: ψ(g) = σ(mlp(u)) ⊙ g elementwise, the last layer zero and its bias logit(`init`), so ψ
   starts at exactly `init`·g. With `gate_context`, the gate also reads the context h: a linear map of h
   (zero at the start) is added to the hidden layer, σ(out(tanh(hidden(u) + ctx(h)))) ⊙ g.
+- "precond" [ours]: a positive-definite preconditioner conditioned on h, ψ(g; h) = g + U(h) U(h)ᵀ g, with
+  U(h) = B (I + C(h)) of rank r: B [dim, r] learned (it starts as `PRECOND_START` times orthonormal
+  columns), C(h) = out(tanh(in(h))) reshaped to [r, r] with `out` zero at the start (without a context, U = B).
+
+Guarantee of "precond": for a fixed h, ψ(·; h) is the symmetric linear map P(h) = I + U(h)U(h)ᵀ, whose
+eigenvalues lie in [1, 1 + ‖U(h)‖²], applied to every row; hence for every row g, whatever φ and h,
+⟨ψ(g; h), g⟩ = ‖g‖² + ‖U(h)ᵀg‖² ≥ ‖g‖² (a descent direction: L(θ − αψ) < L(θ) for small α > 0 where
+g ≠ 0), a zero row stays zero, ψ(λg) = λψ(g) for every λ (so the gradient's scale needs no care: the MLP
+reads only h), and the angle to g is bounded by P's condition number κ = 1 + ‖U(h)‖²: cos(ψ(g), g) ≥
+2√κ/(1 + κ) (Kantorovich). Directions do change (towards the span of U(h), by an amount that depends on
+h), which matters to Adam-type steps that ignore a positive rescaling. At the start ‖ψ(g) − g‖ ≤
+PRECOND_START²·‖g‖ row by row (≈ 9e-4·‖g‖). U does not read g: with U(u) for u = g/‖g‖, ⟨ψ(g), g⟩ ≥ ‖g‖²
+would still hold pointwise (the inner product uses the P of that very g), but ψ would no longer be linear
+in g nor a fixed metric, so we keep the stronger guarantee. U starts small rather than zero because
+UUᵀ is quadratic in U: at U = 0 every gradient of φ vanishes and ψ could never leave the identity.
 
 The structure-induced regulator of test-time tuning [abstract: "models the relation between test data
 and the meta-learning prototypes"; the form is ours, method-notes §5] is ψ with a structure context:
@@ -41,9 +58,10 @@ import torch.nn as nn
 from gram.config import RegulatorParams, reads_context, section_from_dict
 from gram.tensorio import load_theta
 
-FORMS = ("mix", "gate")
+FORMS = ("mix", "gate", "precond")
 META = "meta.safetensors"  # the meta stage's θ and φ, in its output directory
 EPS = 1.0e-12
+PRECOND_START = 0.03  # "precond": U = PRECOND_START · (orthonormal columns) at the start, so ψ(g) ≈ g
 
 
 def _logit(p: float) -> float:
@@ -56,14 +74,16 @@ class Regulator(nn.Module):
     """ψ_φ for the gradient of one prompt tensor whose rows have width `dim`.
 
     Args:
-        form: "mix" or "gate" (module docstring).
-        rank: bottleneck width of the "mix" direction map; hidden: hidden width of the gates.
-        context_dim: width of the task context h of the "mix" gate (None: a learned scalar gate).
-        init: the gate's starting value (c for "mix", σ for "gate").
+        form: "mix", "gate" or "precond" (module docstring).
+        rank: bottleneck width of the "mix" direction map, rank r of the "precond" factor U (at most `dim`);
+            hidden: hidden width of the gates and of the "precond" context map.
+        context_dim: width of the task context h of the "mix" gate (None: a learned scalar gate) or of the
+            "precond" factor U(h) (None: a learned constant U).
+        init: the gate's starting value (c for "mix", σ for "gate"; "precond" has no gate and ignores it).
         gate_context: "gate" form only: the gate reads h too (needs `context_dim`).
     """
 
-    def __init__(self, dim: int, form: Literal["mix", "gate"] = "mix", rank: int = 16, hidden: int = 32,
+    def __init__(self, dim: int, form: Literal["mix", "gate", "precond"] = "mix", rank: int = 16, hidden: int = 32,
                  context_dim: int | None = None, init: float = 0.95, gate_context: bool = False):
         super().__init__()
         if form not in FORMS:
@@ -81,6 +101,15 @@ class Regulator(nn.Module):
                 self.gate_out = nn.Linear(hidden, 1)
                 nn.init.zeros_(self.gate_out.weight)
                 nn.init.constant_(self.gate_out.bias, _logit(init))
+        elif form == "precond":
+            basis, _ = torch.linalg.qr(torch.randn(dim, rank))  # [dim, r'] orthonormal, r' = min(dim, rank)
+            self.rank = basis.shape[1]
+            self.basis = nn.Parameter(PRECOND_START * basis)
+            if context_dim is not None:
+                self.coef_in = nn.Linear(context_dim, hidden)
+                self.coef_out = nn.Linear(hidden, self.rank * self.rank)
+                nn.init.zeros_(self.coef_out.weight)
+                nn.init.zeros_(self.coef_out.bias)
         else:
             self.hidden_layer = nn.Linear(dim, hidden)
             self.out = nn.Linear(hidden, dim)
@@ -93,6 +122,8 @@ class Regulator(nn.Module):
 
     def _dtype(self) -> torch.dtype:
         """The dtype ψ computes in: its parameters' (float32 unless made otherwise), whatever θ's dtype."""
+        if self.form == "precond":
+            return self.basis.dtype
         return (self.down if self.form == "mix" else self.hidden_layer).weight.dtype
 
     def gate(self, h: torch.Tensor | None) -> torch.Tensor:
@@ -103,12 +134,24 @@ class Regulator(nn.Module):
             raise ValueError("this regulator was built with a context (context_dim); pass h")
         return torch.sigmoid(self.gate_out(torch.tanh(self.gate_in(h.to(self._dtype()).reshape(-1))))).squeeze(-1)
 
+    def factor(self, h: torch.Tensor | None) -> torch.Tensor:
+        """The "precond" factor U(h) = B (I + C(h)) [dim, r] (B alone without a context)."""
+        if self.context_dim is None:
+            return self.basis
+        if h is None:
+            raise ValueError("this regulator was built with a context (context_dim); pass h")
+        coef = self.coef_out(torch.tanh(self.coef_in(h.to(self._dtype()).reshape(-1))))  # [r·r]
+        return self.basis + self.basis @ coef.reshape(self.rank, self.rank)  # [dim, r]
+
     def forward(self, g: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """ψ(g; h): the regulated gradient, same shape and dtype as g ([..., dim])."""
         if g.shape[-1] != self.dim:
             raise ValueError(f"gradient rows have width {g.shape[-1]}; this regulator expects {self.dim}")
         with torch.autocast(device_type=g.device.type, enabled=False):  # ψ stays in its own dtype
             rows = g.to(self._dtype()).reshape(-1, self.dim)  # [R, dim]
+            if self.form == "precond":  # linear in g: no direction or norm needed
+                u_h = self.factor(h)  # [dim, r]
+                return (rows + (rows @ u_h) @ u_h.T).reshape(g.shape).to(g.dtype)  # (I + UUᵀ) g per row
             norm = rows.norm(dim=-1, keepdim=True)  # [R, 1]
             u = rows / norm.clamp(min=EPS)
             if self.form == "mix":

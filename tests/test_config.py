@@ -209,7 +209,7 @@ def tiny() -> C.ProfileParams:
     (lambda p: p.tpt, {"keep": 0.001}, r"TptParams: keep = 0\.001 of views = \d+ keeps no view"),
     (lambda p: p.data.split, {"train": 0.7, "val": 0.3}, r"SplitParams: train \+ val = 1\.0 leaves no test split"),
     (lambda p: p.meta["joint"], {"reg_lambda": 1.0, "regulator": C.RegulatorParams(form="gate")},
-     r"MetaParams: reg_lambda > 0 needs regulator.form: mix"),
+     r"MetaParams: `reg_lambda` = 1\.0 > 0 applies to regulator\.form: mix only"),
 ])
 def test_a_section_built_in_code_is_checked(tiny, section, change, message):
     """dataclasses.replace constructs the section anew: a bad value fails there, naming the field."""

@@ -54,7 +54,7 @@ S, Q = np.array([0, 1, 2, 3]), np.array([4, 5, 6, 7])
 
 
 def outer_loss(ml, theta, phi):
-    return ml.task_loss(theta, phi, S, Q, 0.7)[0]
+    return ml.task_loss(theta, phi, S, Q)[0]
 
 
 @pytest.mark.parametrize("kind", ["coop", pytest.param("joint", marks=pytest.mark.slow)])
@@ -263,7 +263,8 @@ def test_meta_stage_refuses_tasks_of_another_hierarchy(metaworld, tmp_path, caps
     (lambda r: (r["grid"]["gram"].pop(1), r["grid"]["tuned"].append("vpt+gram")), "a GRAM method: list it in"),
     (lambda r: r["grid"]["tuned"].append("vpt+gram"), "is also in grid.tuned"),
     (lambda r: r["emoji"]["tasks"].__setitem__("variants", []), "needs 'same-cluster' in tasks.variants"),
-    (lambda r: r["emoji"]["meta"]["coop"].update(reg_lambda=0.5, regulator={"form": "gate"}), "reg_lambda > 0"),
+    (lambda r: r["emoji"]["meta"]["coop"].update(reg_lambda=0.5, regulator={"form": "gate"}),
+     r"`emoji\.meta\.coop\.reg_lambda` = 0\.5 > 0 applies to regulator\.form: mix only"),
     (lambda r: r["emoji"]["methods"]["linear-probe"].update(meta_init=True), "not linear-probe"),
 ])
 def test_gram_config_errors_name_the_key(tmp_path, edit, message):

@@ -248,7 +248,7 @@ def tpt_args(w, method: str, out) -> list[str]:
 
 def test_structure_recipe_meta_trains_with_the_prototype_context(tptworld):
     info = json.loads((tptworld["meta"] / "meta.json").read_text())
-    assert info["config"]["context"] == "structure" and info["config"]["regulator"]["form"] == "mix"
+    assert info["config"]["context"] == "structure" and info["config"]["regulator"]["form"] == "precond"
     assert np.isfinite(info["validation"]["after"]["query_loss_adapted"])
 
 
