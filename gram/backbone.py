@@ -7,10 +7,24 @@ GRAM never updates the CLIP weights; it learns prompts around a frozen backbone.
 - `source: pretrain` builds a small `CLIPConfig` (sizes in params) and trains it contrastively on the
   pretraining vendors' image-text shards, with caption variants sampled afresh every step and light
   augmentation (no flips: arrows and other directional emojis change meaning). Its tokenizer is a
-  word-level vocabulary (`tokenizers` WordLevel) of the emoji labels, tags and Unicode group
+  word-level vocabulary (`tokenizers` WordLevel) of the pretraining captions' words and the class
   names; special tokens are `<pad> <unk> <s> </s>` = ids 0..3 with EOS id 3, because
   `CLIPTextTransformer` pools at `argmax(input_ids)` instead of at the EOS token when
   `eos_token_id == 2`.
+
+Pretraining keeps zero-shot zero-shot:
+- it reads only the emojis that are in the train split of every dataset holding them
+  (`pretraining_emojis`): no image or caption of an emoji that any dataset validates or tests on,
+  under any vendor (a vendor is a domain; the split is by emoji, shared across vendors);
+- its captions are each emoji's own words, its label and its tags (emojibase's CLDR keywords), in a
+  few natural forms (`sample_caption`); never its subgroup or group name, and never a class prompt. A
+  class name is in a caption only where it is one of the emoji's own words (the tag "heart" of
+  "red heart"), and a label that is itself a class name always comes with a tag;
+- class-name words that no caption holds ("household", "alphanum") are in the vocabulary all the
+  same, so that every class prompt tokenises to its own ids (with `<unk>` for them, the prompts of
+  such classes would be identical, and no prompt tuning could tell them apart). No caption holds
+  them, so their embeddings get no gradient and keep their random initialisation: they are words,
+  not knowledge.
 
 Either way the stage writes one directory (`save_pretrained` model + tokenizer + image processor
 config), which every later stage loads through `load()`: one code path for both profiles.
@@ -34,16 +48,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gram.config import AugmentParams, BackboneParams, CaptionParams, PretrainParams, to_dict
-from gram.data.names import words
-from gram.data.shards import iter_samples, load_images, shard_paths
+from gram.data.shards import load_images
 from gram.images import ImageSpec, image_spec, normalize_pixels, preprocess
-from gram.io import atomic_dir, check_finite, config_digest, file_sha256, write_json, write_manifest
+from gram.io import atomic_dir, check_finite, config_digest, file_sha256, read_json, write_json, write_manifest
 from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.backbone")
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3; EOS = 3 (see module docstring)
 PRETRAIN_LOG = "pretrain.json"
+CAPTION_WORDS = "an emoji of a"  # the words of `sample_caption`'s forms other than the emoji's own
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,24 +266,46 @@ def save_image_processor(out: Path, size: int) -> None:
                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=3).save_pretrained(out)
 
 
-def sample_caption(meta: dict, rng: random.Random, c: CaptionParams) -> str:
-    """One caption variant for an emoji (label first, so truncation drops tags, not the label)."""
-    label, sub, group = meta["label"], words(meta["subgroup"]), words(meta["group"])
-    if rng.random() < c.class_p:  # the coarse description alone: what a zero-shot class prompt says
-        return rng.choice([f"a {sub} emoji", f"an emoji of {sub}", sub, f"a {sub} emoji from {group}",
-                           f"a {group} emoji"])
-    tags = [t for t in meta.get("tags", []) if t.lower() not in label.lower()]
-    k = rng.randint(0, min(c.tags, len(tags))) if tags else 0
+def phrase(text: str) -> str:
+    """A text compared as words: lower case, single spaces ('Cat  Face' -> 'cat face')."""
+    return " ".join(text.lower().split())
+
+
+def _tags(meta: dict) -> list[str]:
+    """The emoji's tags that add words to its label."""
+    return [t for t in meta.get("tags", []) if t.lower() not in meta["label"].lower()]
+
+
+def captionable(meta: dict, class_names: set[str]) -> bool:
+    """Whether `sample_caption` can caption the emoji without a class prompt: any emoji but one whose label
+    is a class name and that has no other tag (emojibase 17 has none)."""
+    return phrase(meta["label"]) not in class_names or bool(_tags(meta))
+
+
+def sample_caption(meta: dict, rng: random.Random, c: CaptionParams, class_names: set[str] = frozenset()) -> str:
+    """One caption of an emoji from its own words: its label and up to `c.tags` of its tags.
+
+    The label comes first, so that truncation drops tags, not the label. A label that is itself a class
+    name (`class_names`, as `phrase` spells them: emojibase's "family", "hotel" and "warning" are also
+    Unicode subgroups) always comes with at least one tag, so that no caption is a class prompt such as
+    "a family emoji" or "family"; `captionable` says whether the emoji has one.
+    """
+    label, tags = meta["label"], _tags(meta)
+    named = phrase(label) in class_names  # the label alone would be a class prompt
+    if named and not tags:
+        raise ValueError(f"emoji {meta.get('hexcode', label)!r}: its label {label!r} is a class name and it has "
+                         "no other tag, so every caption of it would be a class prompt")
+    least = 1 if named else 0
+    k = rng.randint(least, max(least, min(c.tags, len(tags)))) if tags else 0
     picked = ", ".join(rng.sample(tags, k)) if k else ""
-    h = f", a {sub} emoji from {group}" if rng.random() < c.hierarchy_p else ""
-    form = rng.randrange(4)
+    form = rng.randrange(2, 4) if named else rng.randrange(4)
     if form == 0:
-        return f"an emoji of a {label}{h}"
+        return f"an emoji of a {label}"
     if form == 1:
-        return f"{label}{h}"
+        return label
     if form == 2:
-        return f"a {label} emoji{h}" + (f": {picked}" if picked else "")
-    return f"{label}{h}" + (f", {picked}" if picked else "")
+        return f"a {label} emoji" + (f": {picked}" if picked else "")
+    return label + (f", {picked}" if picked else "")
 
 
 def augment(x: torch.Tensor, a: AugmentParams, gen: torch.Generator) -> torch.Tensor:
@@ -376,43 +412,80 @@ def _load_checkpoint(ckpt: Path, model, opt, digest: str, rng: random.Random, ge
     return meta["step"], meta["losses"], meta["perm"]
 
 
-def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, all_texts: list[str],
-             device: str = "cpu") -> dict:
-    """Train a small CLIP contrastively on the image-text shards in `shard_dirs`; save it to `out`.
+def pretraining_emojis(datasets: list[dict]) -> list[str]:
+    """The emojis pretraining may read: those in the train split of every dataset that holds them.
+
+    Each dataset splits its own classes, so an emoji can be train in one (subgroup) and val or test in
+    another (group); it is then left out. The split is by emoji and shared by every vendor, so an emoji
+    left out here is left out under every vendor.
+
+    Args:
+        datasets: the download stage's dataset descriptions (`datasets/<name>.json`).
+    Returns:
+        hexcodes, sorted.
+    """
+    splits: dict[str, set[str]] = {}
+    for ds in datasets:
+        for it in ds.get("items", []):
+            splits.setdefault(it["hexcode"], set()).add(it["split"])
+    return sorted(h for h, s in splits.items() if s == {"train"})
+
+
+def vocabulary_texts(metas: list[dict], class_names: set[str]) -> list[str]:
+    """The texts the vocabulary is made from: every word a caption of `metas` can hold, and the class names
+    (see the module docstring: their words that no caption holds keep their initial embedding)."""
+    texts = [CAPTION_WORDS]
+    for m in metas:
+        texts += [m["label"], " ".join(m["tags"])]
+    return texts + sorted(class_names)
+
+
+def pretrain(p: PretrainParams, shard_dirs: list[Path], emojis: list[str], class_names: set[str], out: Path,
+             ckpt: Path, device: str = "cpu") -> dict:
+    """Train a small CLIP contrastively on the samples of `emojis` (hexcodes) in the image-text shards of
+    `shard_dirs` (one directory per vendor, named after it); save it to `out`.
 
     Each step takes `batch_size` distinct emojis (so no two items are the same positive), each in
-    the artwork of one randomly chosen pretraining vendor, with a freshly sampled caption. Sampling
-    and augmentation run on the CPU with seeded generators (the same seed gives the same batches on
-    any device); the model trains in fp32 on `device`.
+    the artwork of one randomly chosen pretraining vendor, with a freshly sampled caption of its own
+    words that is no class prompt of `class_names` (`sample_caption`). Only the samples of `emojis` are
+    read. Sampling and augmentation run on the CPU with seeded generators (the same seed gives the same
+    batches on any device); the model trains in fp32 on `device`.
     """
     from transformers import CLIPModel
+
+    if not emojis:
+        raise ValueError("no emojis to pretrain on (no emoji is in the train split of every dataset)")
+    spec = ImageSpec(p.image_size, p.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    # the pretraining images of every vendor, aligned by emoji (hexcode): [V, N, 3, S, S] in [0, 1]; a key is
+    # the download stage's `{vendor}_{hexcode in lower case}` (the datasets' key_format)
+    per_vendor, metas = [], None
+    for d in shard_dirs:
+        _, imgs, meta = load_images(d, [f"{d.name}_{h.lower()}" for h in emojis])
+        per_vendor.append(preprocess(imgs, spec, normalize=False))
+        if metas is None:
+            metas = meta
+        elif [m["hexcode"] for m in meta] != [m["hexcode"] for m in metas]:
+            raise ValueError(f"{d}: the vendors' shards hold different emojis; rerun the download stage")
+    keep = [i for i, m in enumerate(metas) if captionable(m, class_names)]
+    if len(keep) < len(metas):
+        log.warning("left out of pretraining: %d emoji(s) whose label is a class name and that have no other tag",
+                    len(metas) - len(keep))
+    metas = [metas[i] for i in keep]
+    pixels = torch.stack(per_vendor)[:, keep]  # [V, N, 3, S, S]
+    n_vendors, n = pixels.shape[:2]
+    bs = min(p.batch_size, n)
 
     torch.manual_seed(p.seed)
     rng = random.Random(p.seed)
     gen = torch.Generator().manual_seed(p.seed)
-    tokenizer = train_tokenizer(all_texts, p.vocab_size, p.context)
+    tokenizer = train_tokenizer(vocabulary_texts(metas, class_names), p.vocab_size, p.context)
     dev = resolve_device(device)
     model = CLIPModel(small_config(p, len(tokenizer))).to(dev)  # before the optimizer sees it
     model.train()
-    spec = ImageSpec(p.image_size, p.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-    # the pretraining images of every vendor, aligned by emoji (hexcode): [V, N, 3, S, S] in [0, 1]
-    per_vendor, metas = [], None
-    for d in shard_dirs:
-        keys, imgs, meta = load_images(d)
-        order = np.argsort([m["hexcode"] for m in meta], kind="stable")
-        per_vendor.append(preprocess(imgs[order], spec, normalize=False))
-        hexes = [meta[i]["hexcode"] for i in order]
-        if metas is None:
-            metas, ref = [meta[i] for i in order], hexes
-        elif hexes != ref:
-            raise ValueError(f"{d}: the vendors' shards hold different emojis; rerun the download stage")
-    pixels = torch.stack(per_vendor)  # [V, N, 3, S, S]
-    n_vendors, n = pixels.shape[:2]
-    bs = min(p.batch_size, n)
 
     opt = _optimizer(model, p)
-    digest = config_digest({"pretrain": to_dict(p), "shards": [str(d) for d in shard_dirs], "n": n})
+    digest = config_digest({"pretrain": to_dict(p), "shards": [str(d) for d in shard_dirs], "n": n,
+                            "emojis": [m["hexcode"] for m in metas], "classes": sorted(class_names)})
     start, losses, perm = _load_checkpoint(ckpt, model, opt, digest, rng, gen)
     params = [q for g in opt.param_groups for q in g["params"]]
     max_scale = math.log(100.0)
@@ -431,7 +504,7 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
             mix = torch.rand(bs, 1, 1, 1, generator=gen) < p.augment.vendor_mix
             x = torch.where(mix, lam * x + (1 - lam) * other, x)
         x = normalize_pixels(augment(x, p.augment, gen), spec).to(dev)
-        texts = [sample_caption(metas[i], rng, p.caption) for i in idx]
+        texts = [sample_caption(metas[i], rng, p.caption, class_names) for i in idx]
         tok = {k: v.to(dev) for k, v in tokenize(tokenizer, texts, p.context).items()}
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, p.warmup, p.steps)
@@ -457,7 +530,8 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
         save_image_processor(tmp, p.image_size)
         record = {"source": "pretrain", "steps": p.steps, "resumed_from": start, "seconds": round(elapsed, 1),
                   "seconds_per_step": round(elapsed / max(1, p.steps - start), 3), "images": n,
-                  "vendors": n_vendors, "parameters": sum(q.numel() for q in model.parameters()),
+                  "vendors": n_vendors, "emojis": [m["hexcode"] for m in metas],
+                  "parameters": sum(q.numel() for q in model.parameters()),
                   "logit_scale": round(model.logit_scale.exp().item(), 3),
                   "loss": losses, "config": to_dict(p)}
         write_json(tmp / PRETRAIN_LOG, record)
@@ -467,16 +541,6 @@ def pretrain(p: PretrainParams, shard_dirs: list[Path], out: Path, ckpt: Path, a
 # ------------------------------------------------------------------------------------------------
 # stage
 # ------------------------------------------------------------------------------------------------
-def corpus_texts(shard_dirs: list[Path]) -> list[str]:
-    """Every word source of the captions (labels, tags, group names), for the vocabulary."""
-    texts = ["an emoji of a", "emoji from"]
-    # every vendor holds the same emojis, so the first one has all the words
-    for s in iter_samples(shard_paths(shard_dirs[0])):
-        m = json.loads(s["json"])
-        texts += [m["label"], " ".join(m["tags"]), words(m["subgroup"]), words(m["group"])]
-    return texts
-
-
 def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path | None, out: str | Path) -> dict:
     """Write the backbone directory `out`: a pretrained small CLIP, or a copy of `cfg.model`."""
     out = Path(out)
@@ -499,8 +563,17 @@ def run(cfg: BackboneParams, pretrain_vendors: list[str], data_dir: str | Path |
     if data_dir is None:
         raise ValueError("backbone.source: pretrain needs --data (the download stage's directory)")
     shard_dirs = [Path(data_dir) / "shards" / v for v in pretrain_vendors]
+    files = sorted((Path(data_dir) / "datasets").glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"{data_dir}/datasets: no dataset descriptions (the download stage writes them); "
+                                "pretraining reads their splits to leave out every emoji they validate or test on")
+    datasets = [read_json(f) for f in files]
+    emojis = pretraining_emojis(datasets)
+    class_names = {phrase(c) for ds in datasets for c in ds["classes"]}
+    log.info("pretraining on %d emojis: the train split of every dataset (%s)", len(emojis),
+             ", ".join(f.stem for f in files))
     ckpt = out.with_name(f".{out.name}.ckpt")
-    record = pretrain(cfg.pretrain, shard_dirs, out, ckpt, corpus_texts(shard_dirs), cfg.device)
+    record = pretrain(cfg.pretrain, shard_dirs, emojis, class_names, out, ckpt, cfg.device)
     if ckpt.exists():
         import shutil
 

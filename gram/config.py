@@ -33,7 +33,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, ClassVar, Literal, Mapping, Optional, Union
 
 import yaml
 
@@ -290,10 +290,17 @@ class AugmentParams(Section):
 
 @dataclass(frozen=True)
 class CaptionParams(Section):
+    """Pretraining captions are an emoji's own words only (its label and CLDR tags), never a class name."""
+
     tags: int = _f(2, help="at most this many random tags in a caption", min=0)
-    hierarchy_p: float = _f(0.6, help="probability of appending the subgroup/group phrase", min=0.0, max=1.0)
-    class_p: float = _f(0.0, help="probability that a caption names only the subgroup (and group)",
-                        min=0.0, max=1.0)
+
+    # keys of earlier versions that a params file may still set: the loader says why they are gone
+    removed: ClassVar[dict[str, str]] = {
+        "hierarchy_p": "it appended the subgroup/group phrase, i.e. the evaluated class names, to pretraining "
+                       "captions, which made zero-shot supervised",
+        "class_p": "it made captions that were exactly class prompts (\"a <subgroup> emoji\"), which made "
+                   "zero-shot supervised",
+    }
 
 
 @dataclass(frozen=True)
@@ -304,7 +311,8 @@ class PretrainParams(Section):
     text: TowerParams = _f(factory=TowerParams, help="text tower")
     context: int = _f(24, help="text positions (max tokens incl. BOS/EOS)", min=4)
     projection: int = _f(256, help="shared embedding size", min=8)
-    vocab_size: int = _f(3000, help="word vocabulary size (most frequent words of labels, tags and group names)", min=64)
+    vocab_size: int = _f(3000, help="word vocabulary size (most frequent words of the pretraining captions and "
+                                    "the class names)", min=64)
     steps: int = _f(700, help="optimiser steps", min=1)
     batch_size: int = _f(128, help="distinct emojis per step", min=2)
     lr: float = _f(1.0e-3, help="peak AdamW learning rate", min=0.0)
@@ -784,6 +792,10 @@ def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
     hints = _hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(fields))
+    gone = [k for k in unknown if k in getattr(cls, "removed", {})]
+    if gone:
+        raise ConfigError(f"{where}: `{prefix + '.' if prefix else ''}{gone[0]}` was removed: "
+                          f"{cls.removed[gone[0]]}; delete it from the file")
     if unknown:
         dotted = ", ".join(f"`{prefix + '.' if prefix else ''}{k}`" for k in unknown)
         raise ConfigError(f"{where}: unknown key {dotted} (allowed here: {', '.join(sorted(fields))})")

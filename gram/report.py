@@ -87,11 +87,12 @@ def markdown(rows: list[dict], profile: str, methods: list[str], datasets: list[
     out.append(f"\nSplit: **{split}**. Cells: accuracy / class-balanced accuracy (mean per-class recall), in %. "
                "`chance` is 1/classes; `majority` always predicts the most frequent class of the split.")
     if emoji:
-        out.append("\nThe class names (Unicode subgroup and group words) appear in the backbone's pretraining "
-                   "captions, so 'zero-shot' here means names the text tower has seen, on artwork of "
-                   "vendors it may not have seen (see the role of each column).")
+        out.append("\nThe backbone pretrains on the emojis of the train splits only, with captions of each emoji's "
+                   "own words (label and tags), never a class name as such: a class name's words reach it only "
+                   "where an emoji's own words use them. Each column names its vendor's role.")
     if backbone and backbone.get("source") == "pretrain":
-        out.append(f"\nBackbone: small CLIP pretrained here, {backbone['parameters'] / 1e6:.1f} M parameters, "
+        on = f" on {len(backbone['emojis'])} emojis" if "emojis" in backbone else ""
+        out.append(f"\nBackbone: small CLIP pretrained here{on}, {backbone['parameters'] / 1e6:.1f} M parameters, "
                    f"{backbone['steps']} steps, final loss "
                    f"{backbone['loss'][-1]:.3f}.")
     elif backbone:

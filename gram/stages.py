@@ -88,7 +88,7 @@ STAGES: tuple[Stage, ...] = (
           "gram backbone --params params.yaml --profile {profile} --data data/{profile} "
           "--out models/{profile}/backbone --log {log}",
           log="logs/{profile}/backbone.log", params=("backbone", "data.vendors.pretrain"),
-          inputs={"shards": _SHARDS}, outputs={"backbone": _BACKBONE}),
+          inputs={"shards": _SHARDS, "datasets": _DATASETS}, outputs={"backbone": _BACKBONE}),
     Stage("embed", "gram.embed",
           "gram embed --params params.yaml --profile {profile} --data data/{profile} "
           "--backbone models/{profile}/backbone --out data/{profile}/embed --log {log}",

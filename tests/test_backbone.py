@@ -114,9 +114,12 @@ def test_captions_start_from_the_label_and_vary():
     meta = {"label": "grinning face", "tags": ["face", "happy", "joy", "smile"], "group": "smileys-emotion",
             "subgroup": "face-smiling"}
     rng = random.Random(0)
-    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2, hierarchy_p=0.5)) for _ in range(200)}
-    assert len(caps) > 10 and all("grinning face" in c for c in caps)
-    assert any("a face smiling emoji from smileys emotion" in c for c in caps)
+    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2), {"face smiling", "smileys emotion"})
+            for _ in range(200)}
+    assert len(caps) > 10 and all(c.startswith(("grinning face", "a grinning face", "an emoji of a grinning face"))
+                                  for c in caps)
+    assert "grinning face" in caps and any(c.startswith("grinning face, ") for c in caps)
+    assert not any(w in c for c in caps for w in ("smiling", "smileys", "emotion"))  # the emoji's own words only
 
 
 def tiny_pretrain(prof, **kw) -> C.PretrainParams:
@@ -167,13 +170,18 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(tiny_data, tiny_par
     assert max(diff.values()) == 0, diff
 
 
-def test_class_only_captions_name_the_subgroup_or_group():
+def test_a_label_that_is_a_class_name_always_comes_with_a_tag():
+    """emojibase's "family" is also a Unicode subgroup: its captions must never be a class prompt."""
     import random
 
-    meta = {"label": "grinning face", "tags": ["happy"], "group": "smileys-emotion", "subgroup": "face-smiling"}
+    meta = {"label": "Family", "tags": ["child", "family"], "group": "people-body", "subgroup": "person-symbol"}
     rng = random.Random(0)
-    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2, hierarchy_p=0.0, class_p=1.0)) for _ in range(100)}
-    assert caps == {"a face smiling emoji", "an emoji of face smiling", "face smiling",
-                    "a face smiling emoji from smileys emotion", "a smileys emotion emoji"}
-    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2, hierarchy_p=0.0, class_p=0.0)) for _ in range(100)}
-    assert all("grinning face" in c and "smiling" not in c for c in caps)
+    classes = {"family", "person symbol"}
+    caps = {B.sample_caption(meta, rng, C.CaptionParams(tags=2), classes) for _ in range(200)}
+    assert caps == {"a Family emoji: child", "Family, child"}
+    assert B.captionable(meta, classes)
+    alone = {**meta, "tags": ["family"]}  # no tag beyond its label: every caption would be a class prompt
+    assert not B.captionable(alone, classes) and B.captionable(alone, {"person symbol"})
+    with pytest.raises(ValueError, match="is a class name"):
+        B.sample_caption(alone, rng, C.CaptionParams(tags=2), classes)
+    assert {B.sample_caption(meta, rng, C.CaptionParams(tags=2)) for _ in range(200)} >= {"Family", "a Family emoji"}

@@ -95,6 +95,16 @@ def test_unknown_key_names_key_and_file(tmp_path, raw):
         C.load(path)
 
 
+@pytest.mark.parametrize("key", ["class_p", "hierarchy_p"])
+def test_a_removed_key_says_why(tmp_path, raw, key):
+    """Captions that named the classes made zero-shot supervised; an old params file is told so, not ignored."""
+    raw["emoji"]["backbone"]["pretrain"]["caption"][key] = 0.0
+    path = write(tmp_path, raw)
+    with pytest.raises(C.ConfigError, match=rf"params\.yaml: `emoji\.backbone\.pretrain\.caption\.{key}` was "
+                                            r"removed: .*zero-shot supervised; delete it"):
+        C.load(path)
+
+
 def test_wrong_type_names_key(tmp_path, raw):
     raw["emoji"]["backbone"]["pretrain"]["steps"] = "700"
     with pytest.raises(C.ConfigError, match=r"`emoji\.backbone\.pretrain\.steps` must be int, got '700'"):

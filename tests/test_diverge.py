@@ -30,7 +30,9 @@ def test_check_finite_names_the_run_the_step_and_the_value():
 
 def test_a_diverging_tune_run_stops_and_writes_nothing(tmp_path, tiny_params, tiny_data, tiny_trained_dir):
     params, prof = tiny_params
-    wild = with_method(prof, "coop", lr=1.0e20, optimizer="sgd", steps=20)
+    # 1e30, not the 1e20: the context vectors must overflow the text tower's LayerNorm whatever the scale
+    # of the tiny backbone's gradients (1e20 stayed finite once pretraining read only train-split emojis)
+    wild = with_method(prof, "coop", lr=1.0e30, optimizer="sgd", steps=20)
     out, prompt = tmp_path / "run.json", tmp_path / "coop.safetensors"
     with pytest.raises(DivergedError, match=r"tune coop \(subgroup16, 2 shots, seed 1\): .* at step \d+ of 20"):
         T.run(params, wild, "few-shot", "subgroup16", "coop", 2, 1, tiny_data, tiny_trained_dir, out, save=prompt)

@@ -1,7 +1,7 @@
 """Readable names of Unicode emoji groups and subgroups. [ours]
 
-One function for the class names of the classification datasets and for the words of the backbone's
-pretraining captions: zero-shot prompts are only fair if both spell a subgroup the same way.
+The class names of the classification datasets. The backbone's pretraining captions never use them:
+they are each emoji's own words (gram/backbone.py), so that zero-shot on these names stays zero-shot.
 """
 
 
