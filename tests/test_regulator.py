@@ -61,11 +61,12 @@ def test_regulator_gradients_match_finite_differences(form):
     assert torch.autograd.gradcheck(f, (g, h, *params))
 
 
-def test_meta_gradient_through_a_regulated_step_matches_finite_differences():
+@pytest.mark.parametrize("form", ["mix", "precond"])
+def test_meta_gradient_through_a_regulated_step_matches_finite_differences(form):
     """d/dθ and d/dφ of L_query(θ − α ψ_φ(∇θ L_support(θ))), second order, on a toy prompt problem."""
     torch.manual_seed(2)
     theta = {"ctx": torch.randn(3, 4, dtype=torch.float64)}
-    regs = R.Regulators(theta, form="mix", rank=2, context_dim=4).double()
+    regs = R.Regulators(theta, form=form, rank=2, hidden=3, context_dim=4).double()
     phi = {n: p.detach().clone() + 0.2 * torch.randn_like(p) for n, p in regs.named_parameters()}
     xs, xq = torch.randn(6, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     h = xs.mean(0)
