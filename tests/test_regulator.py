@@ -47,7 +47,8 @@ def test_context_gate_needs_a_context():
 @pytest.mark.parametrize("form", R.FORMS)
 def test_regulator_gradients_match_finite_differences(form):
     torch.manual_seed(1)
-    psi = R.Regulator(5, form=form, rank=2, hidden=4, context_dim=3 if form == "mix" else None, init=0.7).double()
+    psi = R.Regulator(5, form=form, rank=2, hidden=4, context_dim=3 if form in ("mix", "precond") else None,
+                      init=0.7).double()
     for p in psi.parameters():  # move away from the zero-initialised last layers
         p.data.add_(0.3 * torch.randn_like(p))
     names = [n for n, _ in psi.named_parameters()]
@@ -59,6 +60,7 @@ def test_regulator_gradients_match_finite_differences(form):
         return torch.func.functional_call(psi, dict(zip(names, ps)), (g, h))
 
     assert torch.autograd.gradcheck(f, (g, h, *params))
+    assert torch.autograd.gradgradcheck(f, (g, h, *params))  # the meta-gradient differentiates ψ twice
 
 
 @pytest.mark.parametrize("form", ["mix", "precond"])
