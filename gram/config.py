@@ -560,6 +560,9 @@ class MetaParams(Section):
                   "regulated support gradient (form mix only). It trains φ (the gate, and ψ through the cosine); it "
                   "reaches θ only with second_order (first order: g_S and g_Q are detached), otherwise only "
                   "through φ's effect on θ'", min=0.0)
+    anchor: float = _f(0.0, help="weight λ of λ·Σ‖θ − θ₀‖² added to every outer step's loss, θ₀ the prompt's "
+                                 "initial θ (its words, or the random init): keeps the meta-learned θ near a prompt "
+                                 "that still names classes (0: off) [ours]", min=0.0)
     symmetric: bool = _f(False, help="text-as-class loss in both directions (image->text and text->image)")
     context: Literal["support", "structure"] = _f(
         "support", help="task context h of ψ: the mean frozen support image feature, or its relation to the "

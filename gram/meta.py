@@ -7,7 +7,7 @@ stage's meta-tasks (support and query sets of pairs from different CHC clusters)
     g_S  = ∇θ L_S(θ)                        torch.func.grad; detached unless `second_order`
     θ'   = θ − α · ψ_φ(g_S; h)               `inner_steps` times (h: mean frozen support image feature)
     loss = L_Q(θ') [+ λ (c − (1 + mean_rows cos(g_Q, ψ_φ(g_S)))/2)²]
-    θ, φ ← Adam(∇θ,φ of the mean loss over the batch), each gradient norm-clipped
+    θ, φ ← Adam(∇θ,φ of the mean loss over the batch [+ anchor·Σ‖θ − θ₀‖²]), each gradient norm-clipped
 
 First order (the default, as in the sibling method [sibling]): ∂θ'/∂θ = I, yet φ gets its exact
 gradient through θ' = θ − α ψ_φ(g_S). `second_order: true` differentiates through g_S as well.
@@ -164,6 +164,7 @@ class MetaLearner:
         self.structure = structure.to(learner.backbone.device) if cfg.context == "structure" else None
         self.device = learner.backbone.device
         self.theta = dict(learner.named_parameters())
+        self.theta0 = {k: v.detach().clone() for k, v in self.theta.items()}  # the init, for `anchor`
         self.phi = dict(regs.named_parameters())
         self.visual = learner.visual_prompts(self.theta)[0] is not None
         self.scale = learner.clip.logit_scale.exp().float().detach()
@@ -238,6 +239,12 @@ class MetaLearner:
                 th, _, _ = self.adapt(self.theta, self.phi, s)
             adapted.append(float(self.set_loss({n: v.detach() for n, v in th.items()}, q)))
         return {"query_loss": round(float(np.mean(plain)), 5), "query_loss_adapted": round(float(np.mean(adapted)), 5)}
+
+
+def anchor_loss(theta: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
+    """`anchor`'s term weight·Σ‖θ − θ₀‖² over every θ tensor [ours]: its gradient 2·weight·(θ − θ₀) pulls the
+    meta-learned θ back towards its initialisation (the words of the prompt) at every outer step."""
+    return weight * sum(((theta[k] - theta0[k].to(theta[k].dtype)) ** 2).sum() for k in theta)
 
 
 def regulariser_target(g_query: dict[str, torch.Tensor], reg_support: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -361,6 +368,8 @@ def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None
                 loss, ls, lq, gate = ml.task_loss(ml.theta, ml.phi, tasks.support[t], tasks.query[t])
             (loss / len(ids)).backward()  # the whole batch's size: the ranks' sum is the batch mean
             parts.append(torch.stack([ls.float(), lq.float(), gate.float()]))
+        if cfg.anchor > 0 and world.main:  # once per step: the ranks' gradients are summed next
+            anchor_loss(ml.theta, ml.theta0, cfg.anchor).backward()
         distributed.all_reduce_grads(params, world)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(ml.theta.values()), cfg.grad_clip)

@@ -129,6 +129,47 @@ def test_an_interrupted_meta_training_resumes_to_the_same_result(tiny_clip_dir, 
     assert M.load_checkpoint(tmp_path / "b.ckpt", other, torch.optim.Adam(other.theta.values()), "other") == (0, [])
 
 
+def _theta_grads_of_one_step(ml) -> dict[str, torch.Tensor]:
+    """The gradient of θ that meta_train's Adam step receives (one outer step, no clip)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = {}
+
+    def hook(opt, args, kwargs):
+        seen.update({n: v.grad.detach().clone() for n, v in ml.theta.items()})
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        M.meta_train(ml, _Tasks(), ml.cfg, None, progress=False)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_anchor_adds_exactly_its_gradient_to_theta(tiny_clip_dir):
+    """anchor λ adds 2λ(θ − θ₀) to θ's outer gradient, θ₀ the init (here θ is moved off it first)."""
+    grads = {}
+    for lam in (0.0, 0.7):
+        ml = tiny_learner(tiny_clip_dir, "coop", steps=1, tasks_per_step=2, grad_clip=0.0, anchor=lam)
+        with torch.no_grad():
+            for n, v in ml.theta.items():
+                v.add_(0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7), dtype=v.dtype))
+        moved = {n: (v - ml.theta0[n]).detach().clone() for n, v in ml.theta.items()}
+        grads[lam] = _theta_grads_of_one_step(ml)
+    for n in grads[0.0]:
+        torch.testing.assert_close(grads[0.7][n] - grads[0.0][n], 2 * 0.7 * moved[n], rtol=1e-9, atol=1e-12)
+    assert M.anchor_loss({"a": torch.ones(2)}, {"a": torch.zeros(2)}, 0.5).item() == 1.0
+
+
+def test_anchor_keeps_meta_learned_theta_near_its_words(tiny_clip_dir):
+    drift = {}
+    for lam in (0.0, 1.0e3):
+        ml = tiny_learner(tiny_clip_dir, "coop", torch.float32, steps=6, tasks_per_step=2, lr=1.0e-2, anchor=lam)
+        M.meta_train(ml, _Tasks(), ml.cfg, None, progress=False)
+        drift[lam] = sum(float((ml.theta[n].detach() - ml.theta0[n]).norm() ** 2) for n in ml.theta) ** 0.5
+    assert drift[0.0] > 0 and drift[1.0e3] < 0.5 * drift[0.0], drift
+
+
 def test_task_order_is_a_function_of_seed_and_step():
     steps = [M.task_batch(10, 4, s, seed=3) for s in range(5)]
     assert np.array_equal(np.sort(np.concatenate(steps[:5])[:10]), np.arange(10))  # epoch 0 covers every task
