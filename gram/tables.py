@@ -72,12 +72,19 @@ class Runs:
         self.grid, self.eval_dir, self.runs_dir = grid, Path(eval_dir), Path(runs_dir)
         self.zs = list(grid.methods)
         self.tuned = list(grid.tuned) + [e.method for e in grid.gram]
+        self._cache: dict[Path, dict] = {}
+
+    def _read(self, path: Path) -> dict:
+        """A record, read once: the tables and the paired differences read the same records again."""
+        if path not in self._cache:
+            self._cache[path] = read_json(path)
+        return self._cache[path]
 
     def zero_shot(self, method: str, protocol: str, dataset: str) -> dict:
-        return read_json(zero_shot_path(self.eval_dir, method, protocol, dataset))
+        return self._read(zero_shot_path(self.eval_dir, method, protocol, dataset))
 
     def tuned_runs(self, method: str, protocol: str, dataset: str, shots: int) -> list[dict]:
-        return [read_json(run_path(self.runs_dir, protocol, dataset, method, shots, s)) for s in self.grid.seeds]
+        return [self._read(run_path(self.runs_dir, protocol, dataset, method, shots, s)) for s in self.grid.seeds]
 
     def records(self, method: str, protocol: str, dataset: str, shots: int) -> list[dict]:
         if method in self.zs:
