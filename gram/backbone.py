@@ -16,8 +16,9 @@ Pretraining keeps zero-shot zero-shot:
 - it reads only the emojis that are in the train split of every dataset holding them
   (`pretraining_emojis`): no image or caption of an emoji that any dataset validates or tests on,
   under any vendor (a vendor is a domain; the split is by emoji, shared across vendors);
-- its captions are each emoji's own words, its label and its tags (emojibase's CLDR keywords), in a
-  few natural forms (`sample_caption`); never its subgroup or group name, and never a class prompt. A
+- its captions are each emoji's own words, its label and its tags (emojibase's CLDR keywords, and
+  emojilib's keywords where `data.npm.keywords` names that package), in a few natural forms
+  (`sample_caption`); never its subgroup or group name, and never a class prompt. A
   class name is in a caption only where it is one of the emoji's own words (the tag "heart" of
   "red heart"), and a label that is itself a class name always comes with a tag;
 - class-name words that no caption holds ("household", "alphanum") are in the vocabulary all the
@@ -272,8 +273,9 @@ def phrase(text: str) -> str:
 
 
 def _tags(meta: dict) -> list[str]:
-    """The emoji's tags that add words to its label."""
-    return [t for t in meta.get("tags", []) if t.lower() not in meta["label"].lower()]
+    """The emoji's tags, then its keywords (emojilib's, where the download stage read them), that add words
+    to its label."""
+    return [t for t in [*meta.get("tags", []), *meta.get("keywords", [])] if t.lower() not in meta["label"].lower()]
 
 
 def captionable(meta: dict, class_names: set[str]) -> bool:
@@ -436,7 +438,7 @@ def vocabulary_texts(metas: list[dict], class_names: set[str]) -> list[str]:
     (see the module docstring: their words that no caption holds keep their initial embedding)."""
     texts = [CAPTION_WORDS]
     for m in metas:
-        texts += [m["label"], " ".join(m["tags"])]
+        texts += [m["label"], " ".join(_tags(m))]
     return texts + sorted(class_names)
 
 

@@ -175,8 +175,20 @@ class NpmParams(Section):
     command: list[str] = _f(factory=lambda: ["npm", "pack"],
                             help="argv prefix that fetches one package as NAME-VERSION.tgz into the cwd")
     labels: str = _f("emojibase-data@17.0.0", help="npm package with Unicode/CLDR labels (en/data.json)")
-    images: dict[str, str] = _f(factory=dict, help="vendor -> npm package with img/<vendor>/<size>/*.png")
-    image_size: int = _f(64, help="which PNG size folder of the packages to read", min=16, max=256)
+    images: dict[str, str] = _f(factory=dict, help="vendor -> npm package with its artwork: emoji-datasource's "
+                                                   "img/<vendor>/<size>/*.png, or a folder named in `files`")
+    files: dict[str, str] = _f(factory=dict, help="vendor -> folder of its package that holds one image per emoji, "
+                                                  "named by code points (<folder>/1f600.png or .webp; FE0F and "
+                                                  "ZWJ may be left out), e.g. JoyPixels' emoji-assets png/64")
+    keywords: Optional[str] = _f(None, help="npm package with more keywords per emoji (emojilib: "
+                                            "dist/emoji-en-US.json); they join its own words (null: none)")
+    image_size: int = _f(64, help="side of the stored images: emoji-datasource's PNG size folder to read; "
+                                  "images of `files` vendors are resized to it", min=16, max=256)
+
+    def check(self) -> None:
+        extra = sorted(set(self.files) - set(self.images))
+        if extra:
+            raise self.invalid_field("files", f"names {extra}, which `images` does not define")
 
 
 @dataclass(frozen=True)
@@ -209,6 +221,10 @@ class SplitParams(Section):
 class DatasetParams(Section):
     level: Literal["subgroup", "group"] = _f("subgroup", help="emoji: Unicode level that defines the classes")
     min_per_class: int = _f(1, help="emoji: drop classes with fewer emojis than this", min=1)
+    train: Optional[float] = _f(None, help="emoji: this dataset's train fraction instead of data.split.train "
+                                           "(its val fraction stays data.split.val)", min=0.0, max=1.0)
+    min_train: int = _f(1, help="emoji: drop classes with fewer train emojis than this (16: every class has "
+                                "16 real shots)", min=1)
     shifts: list[str] = _f(factory=list, help="paper: test sets of the same classes scored as further domains "
                                               "of this dataset (imagenet: imagenet_v2, imagenet_sketch, "
                                               "imagenet_a, imagenet_r)")
@@ -256,6 +272,12 @@ class DataParams(Section):
                                                                 "names of gram.data.fewshot.SPECS)")
     shard_size: int = _f(1000, help="samples per webdataset shard", min=1)
     paper: PaperDataParams = _f(factory=PaperDataParams, help="source paper: where datasets and corpus live")
+
+    def check(self) -> None:
+        for name, ds in self.datasets.items():
+            if ds.train is not None and ds.train + self.split.val >= 1.0:
+                raise self.invalid_field(f"datasets.{name}.train", f"+ split.val = {ds.train + self.split.val} "
+                                                                   "leaves no test split")
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,11 +496,22 @@ class ClusterParams(Section):
 
 @dataclass(frozen=True)
 class TaskParams(Section):
-    level: int = _f(1, help="hierarchy level whose clusters are the domains of a task (0: finest)", min=0)
+    kind: Literal["pairs", "nway"] = _f(
+        "pairs", help="pairs: a task's set is n pairs of one cluster, its captions the n classes (text-as-class); "
+                      "nway: N clusters are the classes, named by the words their captions share, query classes "
+                      "the neighbours (same parent) of the support's (gram/tasks.py)")
+    level: int = _f(1, help="hierarchy level whose clusters are the domains (pairs) or classes (nway) of a task "
+                            "(0: finest)", min=0)
     n_tasks: int = _f(1000, help="meta-tasks written", min=1)
-    support: list[int] = _f(factory=lambda: [8, 16], help="[min, max] pairs of a support set; a cluster's "
-                                                          "complexity picks within it")
+    support: list[int] = _f(factory=lambda: [8, 16], help="[min, max] pairs of a support set (nway: per class); a "
+                                                          "cluster's complexity picks within it")
     query: list[int] = _f(factory=lambda: [8, 16], help="[min, max] pairs of a query set, as for support")
+    ways: list[int] = _f(factory=lambda: [5, 10], help="nway: [min, max] classes of a task (uniform)")
+    phrase_words: int = _f(2, help="nway: at most this many words name a cluster", min=1)
+    val_fraction: float = _f(0.0, help="fraction of the level's clusters held out of every training task; the "
+                                       "validation tasks (tasks-val) use only them (0: none, meta-validation then "
+                                       "reuses training tasks)", min=0.0, max=0.9)
+    n_val: int = _f(64, help="validation tasks written when val_fraction > 0", min=1)
     complexity_bias: float = _f(1.0, help="support cluster drawn with probability ~ 1 + bias * complexity "
                                           "(0: uniform over eligible clusters)", min=0.0)
     cross_cluster: bool = _f(True, help="query from another cluster than support (false: the same cluster, "
@@ -493,6 +526,8 @@ class TaskParams(Section):
             lo_hi = getattr(self, key)
             if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
                 raise self.invalid(f"{key} must be [min, max] with 1 <= min <= max; got {lo_hi}")
+        if len(self.ways) != 2 or not 2 <= self.ways[0] <= self.ways[1]:
+            raise self.invalid_field("ways", f"must be [min, max] with 2 <= min <= max; got {self.ways}")
 
 
 @dataclass(frozen=True)
@@ -523,6 +558,21 @@ class RegulatorParams(Section):
     def check(self) -> None:
         if self.gate_context and self.form != "gate":
             raise self.invalid("gate_context applies to form: gate (the mix gate reads h through `context`)")
+
+
+@dataclass(frozen=True)
+class SelectParams(Section):
+    """Early stopping of meta-training on a class-name dev task [ours, issue 19]."""
+
+    dataset: Optional[str] = _f(None, help="dataset (a key of data.datasets) whose classes, in the meta-training "
+                                           "domains (data.vendors.meta; never a held-out one), score θ every `every` "
+                                           "steps: the step with the best dev `metric` (the initialisation included) "
+                                           "is the θ, φ written (null: the last step's)")
+    split: Literal["val", "train"] = _f("val", help="split of that dataset scored (never test)")
+    metric: Literal["accuracy", "loss"] = _f(
+        "accuracy", help="highest accuracy (ties: the earlier step) or lowest cross-entropy; the loss also falls when "
+                         "the class features draw together (towards the uniform ln N), so it can prefer a collapsing θ")
+    every: int = _f(25, help="outer steps between two dev scores", min=1)
 
 
 @dataclass(frozen=True)
@@ -569,6 +619,7 @@ class MetaParams(Section):
                         "prototypes (`structure`, the test-time regulator's context; needs the prototypes stage)")
     structure: StructureParams = _f(factory=StructureParams, help="the prototype relation of context: structure")
     grad_clip: float = _f(1.0, help="norm clip of the outer gradient of θ and of φ (0: off)", min=0.0)
+    select: SelectParams = _f(factory=SelectParams, help="early stopping on a class-name dev task (off by default)")
     autocast: Literal["auto", "bf16", "off"] = _f("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
     checkpoint_every: int = _f(100, help="write a resumable checkpoint every N outer steps (0: never)", min=0)
     seed: int = _f(0, help="seed of the random prompt init and the task order", min=0)
@@ -862,6 +913,11 @@ def _check_profile(obj: ProfileParams, prefix: str, where: str) -> None:
     for name, m in obj.meta.items():
         if m.tasks != "default" and m.tasks not in obj.tasks.variants:
             raise err(f"meta.{name}.tasks = {m.tasks!r} needs {m.tasks!r} in tasks.variants")
+        if m.select.dataset is not None:
+            if m.select.dataset not in obj.data.datasets:
+                raise err(f"meta.{name}.select.dataset = {m.select.dataset!r}, which data.datasets does not define")
+            if not obj.data.vendors.meta:
+                raise err(f"meta.{name}.select.dataset scores the meta-training domains: data.vendors.meta is empty")
     n_levels = len(obj.cluster.levels) + 1
     for key, st in [(f"meta.{n}.structure", m.structure) for n, m in obj.meta.items() if m.context == "structure"] \
             + [("tpt.structure", obj.tpt.structure)]:

@@ -15,7 +15,10 @@ gradient through θ' = θ − α ψ_φ(g_S). `second_order: true` differentiates
 L_S and L_Q are the text-as-class loss [ours, method-notes §1]: the n captions of a set are its n
 classes, each prompted as `[BOS] θ_text caption [EOS]` (captions truncated to fit the context);
 loss = cross-entropy of CLIP's logit scale times cos(f(image_i), g(prompt_j)) with target i (and
-the transposed term with `symmetric`). θ is any prompt method's (CoOp, VPT, joint), so the same
+the transposed term with `symmetric`). With N-way tasks (`tasks.kind: nway`, gram/tasks.py) a set is
+N clusters' pairs, the classes are the clusters' phrases, each prompted as `[BOS] θ_text phrase [EOS]`,
+and the loss is the N-way cross-entropy of each image against the N phrases: the same use of θ as
+few-shot prompt tuning, on classes that the query set replaces by their neighbours. θ is any prompt method's (CoOp, VPT, joint), so the same
 loop meta-learns text, visual or both prompts. The meta-regulariser [sibling] (λ = `reg_lambda`,
 form "mix" only) pulls the gate c towards SUPMER's target (1 + mean row-wise cos(g_Q, ψ_φ(g_S)))/2:
 the agreement, row by row (one row per prompt token, over all θ tensors), of the query gradient at θ'
@@ -45,8 +48,17 @@ Rank 0 alone validates, checkpoints and writes the outputs; a checkpoint resumes
   meta.safetensors  `theta.<name>` (the initialisation) and `phi.<name>` (ψ's parameters); metadata:
                     the recipe with its prompt and regulator, the context width.
   meta.json         the history (losses and gate per step) and the meta-validation: the mean query
-                    loss over held-out tasks before and after meta-training, unadapted and after one
-                    regulated inner step; `world_size`, the number of processes.
+                    loss over validation tasks before and after meta-training, unadapted and after one
+                    regulated inner step (the tasks stage's tasks-val over held-out clusters when it wrote
+                    them, else a sample of the training tasks); `select`; `world_size`, the number of
+                    processes.
+
+Early stopping (`select.dataset`) [ours]: a class-name dev task, the `select.split` (val) split of a
+dataset in the meta-training domains (data.vendors.meta; never a held-out domain, never test), scored
+with θ's prompts of its class names (N-way cross-entropy, no adaptation) at the initialisation and every
+`select.every` steps; the θ and φ of the best dev score (`select.metric`: accuracy by default) are
+written, the initialisation included (so a meta-training that only moves θ away from names that
+classify is undone).
   meta.png          the loss curves.
 
 Downstream (`gram tune` with a method of `grid.gram`, `gram tpt`): `gram.regulator.load_meta` gives θ and ψ_φ back.
@@ -80,7 +92,7 @@ from gram.prompts.encoders import encode_image_prompted, normalize
 from gram.prototypes import load_structure
 from gram.regulator import META, Regulators, make_regulators, regulate
 from gram.stage import stage_parser, stage_setup
-from gram.tasks import load_tasks, task_file
+from gram.tasks import VAL_TASKS, Labelled, load_tasks, task_file
 from gram.tensorio import load_tensors, save_tensors, save_theta
 
 log = logging.getLogger("gram.meta")
@@ -169,25 +181,33 @@ class MetaLearner:
         self.visual = learner.visual_prompts(self.theta)[0] is not None
         self.scale = learner.clip.logit_scale.exp().float().detach()
         self.frozen = corpus.frozen.to(self.device)
+        self.best: dict | None = None  # select: θ, φ of the best dev score so far, with its step and scores
+        self.dev_initial: dict | None = None  # select: the dev score of the initialisation
 
     # -- losses -----------------------------------------------------------------------------
-    def set_loss(self, theta: dict[str, torch.Tensor], rows: np.ndarray) -> torch.Tensor:
-        """Text-as-class loss of one set of pairs at θ."""
+    def set_loss(self, theta: dict[str, torch.Tensor], rows: np.ndarray | Labelled) -> torch.Tensor:
+        """The loss of one set at θ: text-as-class for rows of pairs (their captions are the classes), N-way
+        cross-entropy for a `Labelled` set (its class names are the classes)."""
+        labelled = isinstance(rows, Labelled)
+        rows, labels, names = (rows.rows, rows.labels, rows.names) if labelled else (rows, None, None)
         if self.visual:  # numpy rows: a tensor made here would be torch.func's, which LazyPixels cannot read
             img = self.learner.image_features(self.corpus.pixels[np.asarray(rows, dtype=np.int64)], theta)
         else:
             img = self.frozen[torch.as_tensor(rows, dtype=torch.long, device=self.device)]
-        txt = self.learner.text_features([self.corpus.captions[r] for r in rows], theta)
+        txt = self.learner.text_features(names if labelled else [self.corpus.captions[r] for r in rows], theta)
         dt = torch.promote_types(torch.promote_types(img.dtype, txt.dtype), torch.float32)  # fp32 at least
-        logits = self.scale * img.to(dt) @ txt.to(dt).T  # [n, n]
+        logits = self.scale * img.to(dt) @ txt.to(dt).T  # [n, n] or [n, N]
+        if labelled:
+            return F.cross_entropy(logits, torch.as_tensor(labels, dtype=torch.long, device=logits.device))
         target = torch.arange(len(rows), device=logits.device)
         loss = F.cross_entropy(logits, target)
         if self.cfg.symmetric:
             loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
         return loss
 
-    def context(self, rows: np.ndarray) -> torch.Tensor:
+    def context(self, rows: np.ndarray | Labelled) -> torch.Tensor:
         """h: the mean frozen image feature of a set, or (context: structure) its relation to the prototypes."""
+        rows = rows.rows if isinstance(rows, Labelled) else rows
         h = self.frozen[torch.as_tensor(rows, dtype=torch.long, device=self.device)].mean(0)
         return h if self.structure is None else self.structure(h)
 
@@ -233,12 +253,63 @@ class MetaLearner:
         """Mean query loss over tasks `ids`: at θ (unadapted) and at θ' (one regulated inner step)."""
         plain, adapted = [], []
         for t in ids:
-            s, q = tasks.support[t], tasks.query[t]
+            s, q = task_sets(tasks, t)
             plain.append(float(self.set_loss(self.theta, q)))
             with torch.enable_grad():
                 th, _, _ = self.adapt(self.theta, self.phi, s)
             adapted.append(float(self.set_loss({n: v.detach() for n, v in th.items()}, q)))
         return {"query_loss": round(float(np.mean(plain)), 5), "query_loss_adapted": round(float(np.mean(adapted)), 5)}
+
+
+def task_sets(tasks, t: int):
+    """(support, query) of task t: `Tasks.sets` (row arrays, or `Labelled` sets of N-way tasks); any object with
+    `support`/`query` lists of rows (tests) gives its rows."""
+    return tasks.sets(t) if hasattr(tasks, "sets") else (tasks.support[t], tasks.query[t])
+
+
+class DevTask:
+    """The class-name dev task of `select` [ours]: one split of a dataset in the meta-training domains, scored
+    with θ's prompts of the dataset's class names (N-way cross-entropy and accuracy, no adaptation)."""
+
+    def __init__(self, learner, pixels: torch.Tensor, labels: np.ndarray, names: list[str], batch_size: int = 256):
+        self.learner, self.names, self.batch_size = learner, names, batch_size
+        self.labels = torch.as_tensor(labels, dtype=torch.long, device=learner.backbone.device)
+        self.pixels = pixels
+        self.visual = learner.visual_prompts(dict(learner.named_parameters()))[0] is not None
+        self.frozen = None if self.visual else self._images(None)
+
+    @torch.no_grad()
+    def _images(self, theta) -> torch.Tensor:
+        parts = []
+        for i in range(0, len(self.pixels), self.batch_size):
+            px = self.pixels[i:i + self.batch_size].to(self.learner.backbone.device, self.learner.backbone.dtype)
+            parts.append(self.learner.image_features(px, theta).float() if theta is not None else
+                         normalize(encode_image_prompted(self.learner.clip, px, None)).float())
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def score(self, theta: dict[str, torch.Tensor]) -> dict[str, float]:
+        img = self._images(theta) if self.visual else self.frozen
+        txt = self.learner.text_features(self.names, theta).float()
+        logits = self.learner.clip.logit_scale.exp().float() * img @ txt.T
+        return {"loss": round(float(F.cross_entropy(logits, self.labels)), 5),
+                "accuracy": round(float((logits.argmax(1) == self.labels).float().mean()), 5)}
+
+
+def load_dev_task(learner, data_dir: str | Path, dataset: str, domains: list[str], split: str) -> DevTask:
+    """The dev task of `select`: `split` of `dataset` in every one of `domains` (the meta-training ones)."""
+    from gram.data.datasets import split_images
+    from gram.images import preprocess
+
+    px, labels, names = [], [], None
+    for d in domains:
+        sp = split_images(data_dir, dataset, d, split, size=learner.backbone.spec.size)
+        if not len(sp.labels):
+            raise ValueError(f"meta select: dataset {dataset!r} has no {split} images in domain {d!r}")
+        px.append(preprocess(sp.images, learner.backbone.spec))
+        labels.append(np.asarray(sp.labels))
+        names = list(sp.classes)
+    return DevTask(learner, torch.cat(px), np.concatenate(labels), names)
 
 
 def anchor_loss(theta: dict[str, torch.Tensor], theta0: dict[str, torch.Tensor], weight: float) -> torch.Tensor:
@@ -310,8 +381,15 @@ def _load_opt(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> N
 def save_checkpoint(ckpt: Path, ml: MetaLearner, opt, step: int, digest: str, history: list) -> None:
     tensors = {**{f"theta.{n}": v.detach().cpu() for n, v in ml.theta.items()},
                **{f"phi.{n}": v.detach().cpu() for n, v in ml.phi.items()}, **_opt_tensors(opt)}
+    best = ml.best
+    if best is not None:  # the dev task's best step so far (select), kept across a resume
+        tensors.update({f"best.theta.{n}": v for n, v in best["theta"].items()})
+        tensors.update({f"best.phi.{n}": v for n, v in best["phi"].items()})
+    meta = {"step": step, "digest": digest, "history": history,
+            **({"best": {k: v for k, v in best.items() if k not in ("theta", "phi")},
+                "dev_initial": ml.dev_initial} if best is not None else {})}
     with atomic_dir(ckpt) as tmp:
-        save_tensors(tmp / "state.safetensors", tensors, {"step": step, "digest": digest, "history": history})
+        save_tensors(tmp / "state.safetensors", tensors, meta)
 
 
 def load_checkpoint(ckpt: Path, ml: MetaLearner, opt, digest: str) -> tuple[int, list]:
@@ -332,14 +410,32 @@ def load_checkpoint(ckpt: Path, ml: MetaLearner, opt, digest: str) -> tuple[int,
         for n, v in ml.phi.items():
             v.copy_(tensors[f"phi.{n}"])
     _load_opt(opt, {k: v.to(ml.device) if k.split(".")[-1] != "step" else v for k, v in tensors.items()})
+    if "best" in meta:
+        ml.best = {**meta["best"], "theta": {n: tensors[f"best.theta.{n}"] for n in ml.theta},
+                   "phi": {n: tensors[f"best.phi.{n}"] for n in ml.phi}}
+        ml.dev_initial = meta.get("dev_initial")
     log.info("resuming meta-training from step %d (%s)", meta["step"], ckpt)
     return int(meta["step"]), list(meta["history"])
 
 
+def _keep_if_best(ml: MetaLearner, step: int, score: dict) -> None:
+    """Keep θ, φ of `step` as `ml.best` when its dev score is the best so far (`select.metric`: the highest
+    accuracy or the lowest loss; ties: the earlier step)."""
+    best = ml.best
+    better = (score["accuracy"] > best["accuracy"] if ml.cfg.select.metric == "accuracy" else
+              score["loss"] < best["loss"]) if best is not None else True
+    if better:
+        ml.best = {"step": step, **score, "theta": {n: v.detach().cpu().clone() for n, v in ml.theta.items()},
+                   "phi": {n: v.detach().cpu().clone() for n, v in ml.phi.items()}}
+
+
 def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None, digest: str = "",
                progress: bool = True, stop_after: int | None = None, world: World = World(),
-               what: str = "meta") -> list[dict]:
+               what: str = "meta", dev: DevTask | None = None) -> list[dict]:
     """Run the outer loop of `cfg` (resuming from `ckpt`); returns the per-step history.
+
+    `dev` (select): scored at the initialisation and every `cfg.select.every` steps (and the last); the
+    history records `dev_loss`/`dev_accuracy` there, and `ml.best` holds the θ, φ of the best dev score.
 
     Raises DivergedError (naming `what`, the step and the value) at the first non-finite loss, θ or φ,
     before that step is checkpointed.
@@ -355,6 +451,10 @@ def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None
                            f"must read the same checkpoint directory)")
     params = list(ml.theta.values()) + list(ml.phi.values())
     distributed.broadcast_params(params, world)  # every rank starts from rank 0's θ, φ
+    if dev is not None and start == 0:
+        ml.best = None
+        ml.dev_initial = dev.score(ml.theta)
+        _keep_if_best(ml, 0, ml.dev_initial)
     amp = autocast_for(ml.device, cfg.autocast)
     bar = tqdm(range(start, cfg.steps), desc="meta", unit="step", disable=not (progress and world.main),
                mininterval=2.0, initial=start, total=cfg.steps)
@@ -365,7 +465,7 @@ def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None
         parts = []
         for t in distributed.shard(ids, world):
             with amp:
-                loss, ls, lq, gate = ml.task_loss(ml.theta, ml.phi, tasks.support[t], tasks.query[t])
+                loss, ls, lq, gate = ml.task_loss(ml.theta, ml.phi, *task_sets(tasks, t))
             (loss / len(ids)).backward()  # the whole batch's size: the ranks' sum is the batch mean
             parts.append(torch.stack([ls.float(), lq.float(), gate.float()]))
         if cfg.anchor > 0 and world.main:  # once per step: the ranks' gradients are summed next
@@ -385,6 +485,10 @@ def meta_train(ml: MetaLearner, tasks, cfg: MetaParams, ckpt: Path | None = None
         check_finite(what, step + 1, cfg.steps, ls + lq, [*ml.theta.items(), *ml.phi.items()])
         history.append({"step": step + 1, "support_loss": round(ls, 5), "query_loss": round(lq, 5),
                         "gate": None if gate != gate else round(gate, 5)})
+        if dev is not None and ((step + 1) % cfg.select.every == 0 or step + 1 == cfg.steps):
+            score = dev.score(ml.theta)  # every rank holds the same θ, so every rank keeps the same best
+            history[-1].update(dev_loss=score["loss"], dev_accuracy=score["accuracy"])
+            _keep_if_best(ml, step + 1, score)
         bar.set_postfix(support=f"{ls:.3f}", query=f"{lq:.3f}", refresh=False)
         if world.main and ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
                 and step + 1 < cfg.steps:
@@ -454,7 +558,9 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
         p.data = p.data.float()
     context_dim = int(bb.model.config.projection_dim)
     regs = make_regulators(dict(learner.named_parameters()), cfg.regulator, context_dim).to(bb.device)
-    rows = np.unique(np.concatenate(tasks.support + tasks.query))
+    val_tasks = load_tasks(tasks_dir, "val")[0] if (Path(tasks_dir) / VAL_TASKS).exists() else None
+    rows = np.unique(np.concatenate(tasks.support + tasks.query + ([] if val_tasks is None else
+                                                                   val_tasks.support + val_tasks.query)))
     t_load = time.time()
     corpus = load_corpus(bb, data_dir, keys, rows, allow_pipe=prof.data.paper.allow_pipe)
     log.info("corpus: %d pairs of %d encoded in %.1f s; %d tasks (%s)", len(rows), len(keys), time.time() - t_load,
@@ -463,29 +569,54 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
     if cfg.context == "structure":
         structure, proto_sha = load_structure(prototypes_dir, cfg.structure, f"meta.{recipe}")
     ml = MetaLearner(learner, regs, cfg, corpus, structure)
-    n_val = min(64, len(tasks))
-    val_ids = np.random.default_rng([cfg.seed, 1 << 20]).choice(len(tasks), n_val, replace=False)
-    before = ml.validate(tasks, val_ids) if world.main else None
+    if val_tasks is not None:  # tasks over held-out clusters (tasks.val_fraction)
+        val_set, val_ids = val_tasks, np.arange(len(val_tasks))
+    else:  # a sample of the training tasks
+        val_set = tasks
+        val_ids = np.random.default_rng([cfg.seed, 1 << 20]).choice(len(tasks), min(64, len(tasks)), replace=False)
+    n_val = len(val_ids)
+    before = ml.validate(val_set, val_ids) if world.main else None
+    dev = None
+    if cfg.select.dataset is not None:
+        dev = load_dev_task(learner, data_dir, cfg.select.dataset, list(prof.data.vendors.meta), cfg.select.split)
     digest = config_digest({"config": to_dict(cfg), "tasks": file_sha256(Path(tasks_dir) / task_file(cfg.tasks)),
                             "backbone": backbone_fingerprint(backbone_dir), "keys": keys_sha,
+                            **({"val_tasks": file_sha256(Path(tasks_dir) / VAL_TASKS)} if val_tasks is not None else {}),
                             **({"prototypes": proto_sha} if proto_sha else {})})
     ckpt = out.with_name(f".{out.name}.ckpt")
     t_train = time.time()
-    history = meta_train(ml, tasks, cfg, ckpt, digest, progress, world=world, what=f"meta {recipe}")
+    history = meta_train(ml, tasks, cfg, ckpt, digest, progress, world=world, what=f"meta {recipe}", dev=dev)
     train_s = time.time() - t_train
+    select = None
+    if dev is not None:  # the θ, φ of the best dev step are the output
+        with torch.no_grad():
+            for n, v in ml.theta.items():
+                v.copy_(ml.best["theta"][n])
+            for n, v in ml.phi.items():
+                v.copy_(ml.best["phi"][n])
+        scored = [h for h in history if "dev_loss" in h]
+        select = {"dataset": cfg.select.dataset, "split": cfg.select.split, "domains": list(prof.data.vendors.meta),
+                  "classes": len(dev.names), "images": len(dev.labels),
+                  "best": {k: ml.best[k] for k in ("step", "loss", "accuracy")},
+                  "last": {"step": scored[-1]["step"], "loss": scored[-1]["dev_loss"],
+                           "accuracy": scored[-1]["dev_accuracy"]} if scored else None}
+        select["initial"] = ml.dev_initial
+        log.info("select: dev %s accuracy %.3f (loss %.4f) at step %d of %d", cfg.select.dataset, ml.best["accuracy"],
+                 ml.best["loss"], ml.best["step"], len(history))
     if not world.main:  # rank 0 validates and publishes; the others wait for it, then leave
         distributed.barrier(world)
         return {"recipe": recipe, "steps": len(history), "world_size": world.size}
-    after = ml.validate(tasks, val_ids)
+    after = ml.validate(val_set, val_ids)
     last = history[-min(len(history), 50):]
     info = {"recipe": recipe, "config": to_dict(cfg), "context_dim": context_dim, "kind": cfg.prompt.kind,
             "theta": {n: list(v.shape) for n, v in ml.theta.items()},
             "phi_parameters": int(sum(v.numel() for v in ml.phi.values())),
             "tasks": {"file": task_file(cfg.tasks), "n": len(tasks), "level": tmeta.get("level"),
-                      "cross_cluster": tmeta.get("cross_cluster")},
+                      "kind": tmeta.get("kind", "pairs"), "cross_cluster": tmeta.get("cross_cluster")},
             "digest": digest, "steps": len(history), "world_size": world.size,
             "last50": {k: round(float(np.mean([h[k] for h in last])), 5) for k in ("support_loss", "query_loss")},
-            "validation": {"tasks": n_val, "before": before, "after": after},
+            "validation": {"tasks": n_val, "held_out_clusters": val_tasks is not None, "before": before, "after": after},
+            "select": select,
             "train_time_s": round(train_s, 2), "time_s": round(time.time() - t0, 2)}
     with atomic_dir(out) as tmp:
         # no digest or wall times in the tensor file: the same run gives the same metadata with any tool

@@ -101,10 +101,10 @@ STAGES: tuple[Stage, ...] = (
           log="logs/{profile}/cluster.log", params=("cluster", "data.vendors.meta", "backbone.device"),
           inputs={"shards": _SHARDS, "embed": "data/{profile}/embed/"}, outputs={"chc": "data/{profile}/chc/"}),
     Stage("tasks", "gram.tasks",
-          "gram tasks --params params.yaml --profile {profile} --chc data/{profile}/chc "
+          "gram tasks --params params.yaml --profile {profile} --chc data/{profile}/chc --data data/{profile} "
           "--out data/{profile}/tasks --log {log}",
           log="logs/{profile}/tasks.log", params=("tasks",),
-          inputs={"chc": "data/{profile}/chc/"}, outputs={"tasks": "data/{profile}/tasks/"}),
+          inputs={"shards": _SHARDS, "chc": "data/{profile}/chc/"}, outputs={"tasks": "data/{profile}/tasks/"}),
     Stage("prototypes", "gram.prototypes",
           "gram prototypes --params params.yaml --profile {profile} --embed data/{profile}/embed "
           "--chc data/{profile}/chc --out data/{profile}/prototypes --log {log}",
@@ -160,8 +160,9 @@ STAGES: tuple[Stage, ...] = (
           "gram meta --params params.yaml --profile {profile} --recipe {recipe} --data data/{profile} "
           "--chc data/{profile}/chc --tasks data/{profile}/tasks --prototypes data/{profile}/prototypes "
           "--backbone models/{profile}/backbone --out models/{profile}/meta/{recipe} --log {log}",
-          log="logs/{profile}/meta-{recipe}.log", params=("meta.{recipe}", "backbone.device", "backbone.dtype"),
-          inputs={"shards": _SHARDS, "chc": "data/{profile}/chc/", "tasks": "data/{profile}/tasks/",
+          log="logs/{profile}/meta-{recipe}.log",
+          params=("meta.{recipe}", "data.vendors.meta", "backbone.device", "backbone.dtype"),
+          inputs={"shards": _SHARDS, "datasets": _DATASETS, "chc": "data/{profile}/chc/", "tasks": "data/{profile}/tasks/",
                   "prototypes": "data/{profile}/prototypes/", "backbone": _BACKBONE},
           outputs={"meta": "models/{profile}/meta/{recipe}/"},
           fans=(Fan(matrix={"recipe": "grid.meta"}),)),

@@ -131,15 +131,63 @@ def vendor_package(vendor: str) -> dict[str, bytes]:
     return files
 
 
+# packages of one image per emoji named by code points (`data.npm.files`): name -> (vendor, folder, format, size)
+FILE_PACKAGES = {"emoji-assets": ("joypixels", "png/64", "png", 64),
+                 "@lobehub/fluent-emoji-3d": ("fluent", "assets", "webp", 96)}
+NO_FLUENT = EMOJIS[4]["hexcode"]  # no image file in the fluent package
+WORDS_EXTRA = ["shiny", "friend", "nice"]  # emojilib keywords that no label or tag of the tiny world holds
+
+
+def emoji_chars(hexcode: str) -> str:
+    return "".join(chr(int(p, 16)) for p in hexcode.split("-"))
+
+
+def files_package(name: str) -> dict[str, bytes]:
+    """One image per emoji under its folder: JoyPixels names files without FE0F, Fluent with it, and Fluent
+    has a second file without it for the FE0F emoji (the reader keeps the first by name); both carry a file
+    that is not named by code points."""
+    vendor, folder, fmt, size = FILE_PACKAGES[name]
+    files = {}
+    for e in EMOJIS:
+        if vendor == "fluent" and e["hexcode"] == NO_FLUENT:
+            continue
+        png = draw(e, "google", size)
+        img = Image.open(io.BytesIO(png))
+        if vendor == "fluent":  # a darker rendering: its own style
+            img = Image.merge("RGBA", [*(b.point(lambda v: v * 3 // 4) for b in img.split()[:3]), img.split()[3]])
+        buf = io.BytesIO()
+        img.save(buf, format=fmt.upper(), **({"lossless": True} if fmt == "webp" else {}))
+        code = e["hexcode"].lower() if vendor == "fluent" else e["hexcode"].lower().replace("-fe0f", "")
+        files[f"package/{folder}/{code}.{fmt}"] = buf.getvalue()
+        if vendor == "fluent" and "-fe0f" in code:
+            files[f"package/{folder}/{code.replace('-fe0f', '')}.{fmt}"] = buf.getvalue()
+    files[f"package/{folder}/sprite-sheet.png"] = draw(EMOJIS[0], "google", 16)
+    files["package/package.json"] = json.dumps({"name": name}).encode()
+    return files
+
+
+def keywords_package() -> dict[str, bytes]:
+    """emojilib's layout: emoji characters -> keywords (the label with underscores, a tag, a new word, a
+    symbol-only one)."""
+    table = {emoji_chars(e["hexcode"]): [e["label"].replace(" ", "_"), e["tags"][0], WORDS_EXTRA[i % 3], ":)"]
+             for i, e in enumerate(EMOJIS)}
+    return {"package/dist/emoji-en-US.json": json.dumps(table).encode(),
+            "package/package.json": b'{"name": "emojilib"}'}
+
+
 def pack(spec: str, dest: Path) -> Path:
     name, _, version = spec.rpartition("@")
     if name == "emojibase-data":
         files = labels_package()
     elif name.startswith("emoji-datasource-") and name.split("-")[-1] in VENDOR_STYLE:
         files = vendor_package(name.split("-")[-1])
+    elif name in FILE_PACKAGES:
+        files = files_package(name)
+    elif name == "emojilib":
+        files = keywords_package()
     else:
         raise SystemExit(f"fake_npm: unknown package {spec}")
-    out = dest / f"{name}-{version}.tgz"
+    out = dest / f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
     with tarfile.open(out, "w:gz") as tf:
         for path, data in sorted(files.items()):
             info = tarfile.TarInfo(path)

@@ -76,7 +76,7 @@ def test_gram_methods_reuse_their_base_recipe():
 def test_default_profile_is_emoji():
     params, prof = C.load(ROOT / "params.yaml")
     assert params.profile == "emoji" and prof is params.emoji
-    assert prof.data.vendors.pretrain == ["google", "twitter"]
+    assert prof.data.vendors.pretrain == ["google", "twitter", "joypixels"] and prof.data.vendors.heldout == ["apple", "fluent"]
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     lr = prof.backbone.pretrain.lr
     assert isinstance(lr, float) and lr == raw["emoji"]["backbone"]["pretrain"]["lr"]

@@ -158,3 +158,114 @@ def test_corrupt_cached_package_is_named(tmp_path):
     bad.write_bytes(b"not a tarball")
     with pytest.raises(ValueError, match=r"(?s)emojibase-data-17\.0\.0\.tgz: not a readable package.*delete it"):
         emoji.read_labels(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# more styles: packages of one image per emoji, emojilib keywords, real 16 shots
+# ------------------------------------------------------------------------------------------------
+def test_file_code_drops_selector_and_joiner():
+    assert emoji.file_code("1f3c3-200d-2640-fe0f") == "1F3C3-2640"
+    assert emoji.file_code("1F3C3-2640") == emoji.file_code("1F3C3-200D-2640-FE0F")
+    assert emoji.file_code("0023-FE0F-20E3") == "0023-20E3"
+
+
+def _tgz(path, files: dict[str, bytes]):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_read_files_keys_by_code_points_and_keeps_the_first_by_name(tmp_path):
+    png = fake_npm.draw(fake_npm.EMOJIS[0], "google", 16)
+    other = fake_npm.draw(fake_npm.EMOJIS[9], "google", 16)
+    tgz = _tgz(tmp_path / "p.tgz", {  # archive order: the FE0F-less duplicate comes last
+        "package/img/1f3c3-2640.png": png, "package/img/263a-fe0f.webp": png, "package/img/263a.webp": other,
+        "package/img/sprite.png": other, "package/img/sub/1f600.png": other, "package/other/1f601.png": other,
+        "package/img/1f600.txt": b"x"})
+    found = emoji.read_files(tgz, "img")
+    assert set(found) == {"1F3C3-2640", "263A"}
+    assert found["263A"] == ("package/img/263a-fe0f.webp", png)  # '263a-fe0f' < '263a.' by name
+    emojis = [{"hexcode": "1F3C3-200D-2640-FE0F"}, {"hexcode": "263A-FE0F"}, {"hexcode": "1F600"}]
+    matched, dropped = emoji.match_files(emojis, found)
+    assert matched == {"1F3C3-200D-2640-FE0F": "package/img/1f3c3-2640.png", "263A-FE0F": "package/img/263a-fe0f.webp"}
+    assert dropped == Counter({"no image file": 1})
+    with pytest.raises(FileNotFoundError, match=r"p\.tgz.*package/assets/.*data\.npm\.files"):
+        emoji.read_files(tgz, "assets")
+
+
+def test_own_keywords_add_only_new_words():
+    e = {"label": "grinning face", "tags": ["face", "grin"]}
+    assert emoji.own_keywords(e, ["grinning face", "Face", "smile", ":D", "smile", "happy"]) == ["smile", "happy"]
+
+
+@pytest.fixture(scope="module")
+def styled_data(tmp_path_factory, fake_packages, tiny_params):
+    """The tiny world with two one-file-per-emoji vendors (a PNG one at 64 px, a WebP one at 96 px) and
+    emojilib keywords."""
+    raw = tmp_path_factory.mktemp("styled") / "raw"
+    shutil.copytree(fake_packages, raw)
+    for spec in ["emoji-assets@11.0.0", "@lobehub/fluent-emoji-3d@1.1.0", "emojilib@4.0.3"]:
+        fake_npm.pack(spec, raw)
+    d = tiny_params[1].data
+    npm = dataclasses.replace(d.npm, images={**d.npm.images, "joypixels": "emoji-assets@11.0.0",
+                                             "fluent": "@lobehub/fluent-emoji-3d@1.1.0"},
+                              files={"joypixels": "png/64", "fluent": "assets"}, keywords="emojilib@4.0.3")
+    report = emoji.run(dataclasses.replace(d, npm=npm), raw.parent)
+    return raw.parent, report
+
+
+def test_file_vendors_join_resize_and_keep_the_shared_emojis(styled_data, tiny_data):
+    out, rep = styled_data
+    assert rep["vendors"]["joypixels"]["matched"] == len(fake_npm.EMOJIS)
+    assert rep["vendors"]["fluent"]["dropped"]["no image file"] == 1
+    base = json.loads((tiny_data / "download.json").read_text())
+    assert rep["in_all_vendors"] == base["in_all_vendors"] - 1  # the emoji fluent lacks (drawn by the others)
+    keys, imgs, metas = load_images(out / "shards" / "fluent")
+    assert imgs.shape[1:] == (64, 64, 3) and (imgs[:, 0, 0] == 255).all()  # 96 px webp -> 64 px, alpha on white
+    assert fake_npm.NO_FLUENT.lower() not in {k.split("_", 1)[1] for k in keys}
+    fe0f = [m for m in metas if m["hexcode"] == fake_npm.EMOJIS[0]["hexcode"]]
+    assert len(fe0f) == 1 and keys[metas.index(fe0f[0])] == "fluent_263a-fe0f"
+
+
+def test_keywords_join_the_metadata_but_not_the_corpus_caption(styled_data):
+    out, rep = styled_data
+    for s in iter_samples(shard_paths(out / "shards" / "google")):
+        meta = json.loads(s["json"])
+        e = next(e for e in fake_npm.EMOJIS if e["hexcode"] == meta["hexcode"])
+        assert meta["keywords"] == [fake_npm.WORDS_EXTRA[fake_npm.EMOJIS.index(e) % 3]]  # tag, label, ":)" dropped
+        assert s["txt"].decode() == emoji.caption(e)
+    assert rep["keywords"]["emojis_with_keywords"] == rep["labels"]["base_emojis"]
+
+
+def test_dataset_train_fraction_and_min_train_make_real_shots():
+    emojis = [{"hexcode": f"{i:X}", "subgroup": f"s{n}", "group": "g"}
+              for n in (10, 22, 23, 40) for i in range(1000 * n, 1000 * n + n)]
+    split = C.SplitParams(train=0.5, val=0.1)
+    d = emoji.build_dataset("x", emojis, C.DatasetParams(level="subgroup", train=0.7, min_train=16), split, ["v"])
+    assert d["classes"] == ["s22", "s23", "s40"]  # split_counts(22) at 70/10/20 = (16, 2, 4); 10 emojis: 7
+    per = Counter((d["classes"][it["label"]], it["split"]) for it in d["items"])
+    assert [per[(c, "train")] for c in d["classes"]] == [16, 16, 28]
+    assert all(per[(c, "train")] >= 16 for c in d["classes"])
+    plain = emoji.build_dataset("x", emojis, C.DatasetParams(level="subgroup"), split, ["v"])
+    train = lambda ds: {it["hexcode"] for it in ds["items"] if it["split"] == "train"}  # noqa: E731
+    assert train(plain) & {e["hexcode"] for e in emojis if e["subgroup"] != "s10"} <= train(d)  # same order, cut later
+    with pytest.raises(ValueError, match=r"dataset 'x'.*>= 50 of them in its train split \(train fraction 0.7\)"):
+        emoji.build_dataset("x", emojis, C.DatasetParams(level="subgroup", train=0.7, min_train=50), split, ["v"])
+
+
+def test_dataset_train_fraction_is_checked_with_val():
+    raw = C.read_yaml(ROOT / "tests" / "params" / "tiny.yaml")
+    raw["tiny"]["data"]["datasets"]["subgroup16"]["train"] = 0.95
+    with pytest.raises(C.ConfigError, match=r"tiny\.data\.datasets\.subgroup16\.train.*leaves no test split"):
+        C.from_dict(raw, "tiny.yaml")
+
+
+def test_files_must_name_an_image_vendor():
+    with pytest.raises(C.ConfigError, match=r"`files` names \['openmoji'\]"):
+        C.NpmParams(images={"google": "emoji-datasource-google@16.0.0"}, files={"openmoji": "color/72x72"})

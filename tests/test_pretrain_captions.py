@@ -44,7 +44,7 @@ def problems(meta: dict, text: str, prompts: set[str], names: set[str]) -> list[
     """What is wrong with caption `text` of emoji `meta`: it is a class prompt, or it holds a class name
     that is not one of the emoji's own words (its label, a tag)."""
     out = [f"{text!r} is a class prompt"] if B.phrase(text) in prompts else []
-    own = [" ".join(re.findall(r"\w+", w.lower())) for w in [meta["label"], *meta["tags"]]]
+    own = [" ".join(re.findall(r"\w+", w.lower())) for w in [meta["label"], *meta["tags"], *meta.get("keywords", [])]]
     for name in sorted(names):
         if any(contains(part, name) for part in segments(text)) and not any(contains(w, name) for w in own):
             out.append(f"{text!r} names the class {name!r}")

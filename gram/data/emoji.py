@@ -4,10 +4,14 @@ Sources (fetched with the ordinary npm client, versions pinned in params):
 - `emojibase-data`: `en/data.json` (label, tags, group and subgroup ids) and `meta/groups.json`
   (the Unicode group and subgroup names);
 - `emoji-datasource-<vendor>`: `emoji.json` (code points, `has_img_<vendor>`) and the artwork
-  `img/<vendor>/<size>/<image>.png`.
+  `img/<vendor>/<size>/<image>.png`;
+- packages of one image file per emoji, named by its code points (`data.npm.files`: JoyPixels'
+  `emoji-assets` png/64, Fluent's `@lobehub/fluent-emoji-3d` webp), resized to `image_size`;
+- optionally `emojilib` (`data.npm.keywords`): more keywords per emoji, kept as `keywords` in each
+  sample's metadata (the backbone's captions draw on them like on the tags).
 
 The join is by code point with `FE0F` (the emoji presentation selector) removed on both sides,
-matching emoji-datasource's `unified` and `non_qualified` fields. Regional indicators (no group)
+matching emoji-datasource's `unified` and `non_qualified` fields (file names: ZWJ removed too). Regional indicators (no group)
 and group 2 ("component": skin tones, hair) are not emojis of their own and are dropped. Only
 emojis with artwork in every configured vendor are kept, so that every vendor (domain) shows
 the same emojis and the splits are shared across domains.
@@ -22,9 +26,11 @@ Outputs under `out_dir`:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import tarfile
@@ -32,6 +38,8 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from gram.config import DataParams, DatasetParams, SplitParams
@@ -42,6 +50,7 @@ from gram.io import atomic_dir, write_json
 log = logging.getLogger("gram.data")
 
 COMPONENT_GROUP = 2  # Unicode group "component": skin tones and hair styles, not emojis
+IMAGE_EXTS = ("png", "webp")  # image files of one-file-per-emoji packages
 
 
 def norm_code(code: str) -> str:
@@ -61,7 +70,7 @@ def fetch(spec: str, raw_dir: Path, command: list[str]) -> Path:
     name, _, version = spec.rpartition("@")
     if not name or not version:
         raise ValueError(f"npm package {spec!r} must be pinned as NAME@VERSION")
-    target = raw_dir / f"{name.replace('/', '-')}-{version}.tgz"
+    target = raw_dir / f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"  # npm pack's own file name
     if target.exists():
         return target
     exe = shutil.which(command[0])
@@ -134,6 +143,58 @@ def read_vendor(tgz: Path, vendor: str, size: int) -> tuple[dict[str, dict], dic
     return entries, pngs
 
 
+def file_code(code: str) -> str:
+    """The code points that name an emoji's image file in a one-file-per-emoji package: `norm_code` without
+    the zero-width joiner 200D, which some packages leave out of their file names (JoyPixels) and others
+    keep (Fluent); no two emojis of emojibase 17 differ by joiners alone."""
+    return "-".join(p for p in norm_code(code).split("-") if p != "200D")
+
+
+def read_files(tgz: Path, folder: str) -> dict[str, tuple[str, bytes]]:
+    """A package of one image per emoji under `folder` (`<folder>/1f600.png`, `.webp`) -> image by
+    `file_code`: (member name, bytes). Where two files name the same code points (with and without FE0F),
+    the first by name is kept, whatever the archive order."""
+    prefix = f"package/{folder.strip('/')}/"
+    found: dict[str, tuple[str, bytes]] = {}
+    with _open(tgz) as tf:
+        for m in tf:
+            stem, dot, ext = m.name[len(prefix):].rpartition(".")
+            if not (m.isfile() and m.name.startswith(prefix) and dot and ext.lower() in IMAGE_EXTS and "/" not in stem):
+                continue
+            try:
+                code = file_code(stem.replace("_", "-"))
+                int(code.replace("-", ""), 16)
+            except ValueError:
+                continue  # not named by code points (a sprite sheet, a readme image)
+            if code not in found or m.name < found[code][0]:
+                found[code] = (m.name, tf.extractfile(m).read())
+    if not found:
+        raise FileNotFoundError(f"{tgz}: no images named by code points under {prefix} "
+                                "(is data.npm.files right for this package?)")
+    return found
+
+
+def read_keywords(tgz: Path) -> dict[str, list[str]]:
+    """emojilib -> keywords by `norm_code`: its dist/emoji-en-US.json maps each emoji (the characters) to
+    keywords such as "grinning_face", "smile", ":D"; underscores become spaces."""
+    with _open(tgz) as tf:
+        table = json.loads(_read_member(tf, "package/dist/emoji-en-US.json", tgz))
+    return {norm_code("-".join(f"{ord(ch):X}" for ch in emoji)): [k.replace("_", " ").strip() for k in words]
+            for emoji, words in table.items()}
+
+
+def own_keywords(e: dict, keywords: list[str]) -> list[str]:
+    """The keywords that add words to the emoji's label and tags, in their order: no emoticons (":D", ":p"),
+    none equal to its label or one of its tags."""
+    seen = {e["label"].lower(), *(t.lower() for t in e["tags"])}
+    out = []
+    for k in keywords:
+        if re.search(r"[a-z]{2}", k.lower()) and k.lower() not in seen:
+            seen.add(k.lower())
+            out.append(k)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # join
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +231,19 @@ def match_vendor(emojis: list[dict], entries: dict[str, dict], pngs: dict[str, b
     return found, dropped
 
 
+def match_files(emojis: list[dict], images: dict[str, tuple[str, bytes]]) -> tuple[dict[str, str], Counter]:
+    """hexcode -> image member name for the emojis a one-file-per-emoji package draws, and the count of the
+    others."""
+    found, dropped = {}, Counter()
+    for e in emojis:
+        hit = images.get(file_code(e["hexcode"]))
+        if hit is None:
+            dropped["no image file"] += 1
+        else:
+            found[e["hexcode"]] = hit[0]
+    return found, dropped
+
+
 def apply_subset(emojis: list[dict], groups: list[str] | None, min_per: int, max_per: int | None) -> list[dict]:
     """Keep the configured groups, then subgroups with >= min_per emojis, at most max_per each."""
     if groups is not None:
@@ -187,6 +261,13 @@ def apply_subset(emojis: list[dict], groups: list[str] | None, min_per: int, max
 def caption(e: dict) -> str:
     """The corpus caption: the label first (so that truncation drops tags, never the label)."""
     return f"{e['label']}: {', '.join(e['tags'])}" if e["tags"] else e["label"]
+
+
+def resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """An image at `size` x `size` (bicubic; unchanged when it is that size already)."""
+    if rgb.shape[0] == rgb.shape[1] == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def sample_key(vendor: str, hexcode: str) -> str:
@@ -220,16 +301,21 @@ def build_dataset(name: str, emojis: list[dict], ds: DatasetParams, split: Split
                   domains: list[str]) -> dict:
     """A classification dataset over `emojis`: class = Unicode `ds.level`, deterministic splits.
 
-    Every class's emojis are ordered by a seeded hash and cut into train/val/test; the same emojis
-    land in the same split for every domain. Base and new classes are a seeded draw of
-    `base_fraction` of the classes.
+    Every class's emojis are ordered by a seeded hash and cut into train/val/test (the dataset's own
+    train fraction `ds.train` where set); the same emojis land in the same split for every domain.
+    Classes with fewer than `ds.min_per_class` emojis or `ds.min_train` train emojis are left out.
+    Base and new classes are a seeded draw of `base_fraction` of the classes.
     """
     by_class: dict[str, list[dict]] = defaultdict(list)
     for e in emojis:
         by_class[e[ds.level]].append(e)
-    class_slugs = [c for c in dict.fromkeys(e[ds.level] for e in emojis) if len(by_class[c]) >= ds.min_per_class]
+    if ds.train is not None:
+        split = dataclasses.replace(split, train=ds.train)
+    class_slugs = [c for c in dict.fromkeys(e[ds.level] for e in emojis)
+                   if len(by_class[c]) >= ds.min_per_class and split_counts(len(by_class[c]), split)[0] >= ds.min_train]
     if not class_slugs:
-        raise ValueError(f"dataset {name!r}: no {ds.level} has >= {ds.min_per_class} emojis")
+        raise ValueError(f"dataset {name!r}: no {ds.level} has >= {ds.min_per_class} emojis and >= "
+                         f"{ds.min_train} of them in its train split (train fraction {split.train})")
     items = []
     for ci, c in enumerate(class_slugs):
         members = sorted(by_class[c], key=lambda e: _rank(split.seed, e["hexcode"]))
@@ -257,18 +343,29 @@ def run(cfg: DataParams, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     raw = out_dir / "raw"
     vendors = list(cfg.npm.images)
-    specs = [cfg.npm.labels] + [cfg.npm.images[v] for v in vendors]
+    specs = [cfg.npm.labels] + [cfg.npm.images[v] for v in vendors] + ([cfg.npm.keywords] if cfg.npm.keywords else [])
     tgz = {spec: fetch(spec, raw, cfg.npm.command) for spec in tqdm(specs, desc="npm pack", unit="pkg")}
 
     data, group_names, subgroup_names = read_labels(tgz[cfg.npm.labels])
     emojis, dropped_labels = base_emojis(data, group_names, subgroup_names)
     report: dict = {"labels": {"package": cfg.npm.labels, "entries": len(data), "base_emojis": len(emojis),
                                "dropped": dict(dropped_labels)}, "vendors": {}}
+    if cfg.npm.keywords:
+        table = read_keywords(tgz[cfg.npm.keywords])
+        for e in emojis:
+            e["keywords"] = own_keywords(e, table.get(norm_code(e["hexcode"]), []))
+        report["keywords"] = {"package": cfg.npm.keywords, "emojis_with_keywords": sum(bool(e["keywords"]) for e in emojis),
+                              "keywords": sum(len(e["keywords"]) for e in emojis)}
     matched: dict[str, dict[str, str]] = {}
     pngs: dict[str, dict[str, bytes]] = {}
     for v in tqdm(vendors, desc="read vendors", unit="vendor"):
-        entries, pngs[v] = read_vendor(tgz[cfg.npm.images[v]], v, cfg.npm.image_size)
-        matched[v], why = match_vendor(emojis, entries, pngs[v], v)
+        if v in cfg.npm.files:
+            images = read_files(tgz[cfg.npm.images[v]], cfg.npm.files[v])
+            pngs[v] = dict(images.values())
+            matched[v], why = match_files(emojis, images)
+        else:
+            entries, pngs[v] = read_vendor(tgz[cfg.npm.images[v]], v, cfg.npm.image_size)
+            matched[v], why = match_vendor(emojis, entries, pngs[v], v)
         report["vendors"][v] = {"package": cfg.npm.images[v], "matched": len(matched[v]), "dropped": dict(why)}
         log.info("%s: %d of %d base emojis matched %s", v, len(matched[v]), len(emojis), dict(why))
 
@@ -285,9 +382,12 @@ def run(cfg: DataParams, out_dir: str | Path) -> dict:
 
     def samples(v: str):
         for e in selected:
-            rgb = decode_rgb(pngs[v][matched[v][e["hexcode"]]], f"{cfg.npm.images[v]}:{e['hexcode']}")
+            rgb = resize(decode_rgb(pngs[v][matched[v][e["hexcode"]]], f"{cfg.npm.images[v]}:{e['hexcode']}"),
+                         cfg.npm.image_size)
             meta = {"vendor": v, "hexcode": e["hexcode"], "label": e["label"], "tags": e["tags"],
                     "group": e["group"], "subgroup": e["subgroup"]}
+            if "keywords" in e:
+                meta["keywords"] = e["keywords"]
             yield {"__key__": sample_key(v, e["hexcode"]), "png": encode_png(rgb),
                    "txt": caption(e).encode(), "json": json.dumps(meta, sort_keys=True).encode()}
 
