@@ -623,6 +623,8 @@ class MetaParams(Section):
     autocast: Literal["auto", "bf16", "off"] = _f("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
     checkpoint_every: int = _f(100, help="write a resumable checkpoint every N outer steps (0: never)", min=0)
     seed: int = _f(0, help="seed of the random prompt init and the task order", min=0)
+    seeds: int = _f(1, help="meta-training runs, with seeds seed, seed + 1, ...: a GRAM method tuned with grid seed s "
+                            "reads run (s - 1) mod seeds, so its spread over seeds includes meta-training's", min=1)
 
     def check(self) -> None:
         if self.prompt.kind == "linear-probe":

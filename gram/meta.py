@@ -66,9 +66,12 @@ Downstream (`gram tune` with a method of `grid.gram`, `gram tpt`): `gram.regulat
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -536,11 +539,59 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
         prototypes_dir: str | Path | None = None, world: World = World()) -> dict:
     """Meta-train recipe `<profile>.meta.<recipe>`; writes `out` (meta.safetensors, meta.json, meta.png).
     `prototypes_dir` (the prototypes stage's output) is read by recipes with context: structure.
-    `world` (gram.distributed.init): every rank trains; rank 0 alone validates and writes `out`."""
+    `world` (gram.distributed.init): every rank trains; rank 0 alone validates and writes `out`.
+
+    With `seeds` = N > 1 the recipe is trained N times (seeds seed .. seed + N − 1): run 0 is written at
+    the top of `out` as with one seed, run k in `out/run<k>/`, and meta.json lists every run under `runs`.
+    Finished runs wait in `.<out>.runs/` beside `out` (kept while the inputs are the same), so an
+    interrupted job resumes at its first unfinished run."""
     if recipe not in prof.meta:
         raise KeyError(f"meta recipe {recipe!r} is not defined in <profile>.meta "
                        f"(defined: {', '.join(prof.meta) or 'none'})")
     cfg = prof.meta[recipe]
+    args = (data_dir, chc_dir, tasks_dir, backbone_dir)
+    if cfg.seeds == 1:
+        return _run_one(prof, recipe, cfg, *args, Path(out), progress, prototypes_dir, world)
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.runs")
+    key = config_digest({"config": to_dict(cfg), "tasks": file_sha256(Path(tasks_dir) / task_file(cfg.tasks)),
+                         "backbone": backbone_fingerprint(backbone_dir), "keys": file_sha256(Path(chc_dir) / KEYS)})
+    stamp = staging / "inputs.json"
+    if world.main and staging.exists() and not (stamp.exists() and json.loads(stamp.read_text()).get("digest") == key):
+        shutil.rmtree(staging)  # runs of other parameters or inputs
+    if world.main:
+        staging.mkdir(parents=True, exist_ok=True)
+        write_json(stamp, {"digest": key})
+    distributed.barrier(world)
+    infos = []
+    for k in range(cfg.seeds):
+        sub = staging / f"run{k}"
+        if (sub / "meta.json").exists():  # finished before an interruption
+            infos.append(json.loads((sub / "meta.json").read_text()))
+            log.info("meta %s: run %d of %d (seed %d) finished earlier", recipe, k + 1, cfg.seeds, cfg.seed + k)
+            continue
+        log.info("meta %s: run %d of %d (seed %d)", recipe, k + 1, cfg.seeds, cfg.seed + k)
+        infos.append(_run_one(prof, recipe, dataclasses.replace(cfg, seed=cfg.seed + k, seeds=1), *args, sub,
+                              progress, prototypes_dir, world))
+    if not world.main:
+        return infos[0]
+    runs = [{"run": k, "seed": cfg.seed + k, "dir": "." if k == 0 else f"run{k}", "validation": i.get("validation"),
+             "select": i.get("select"), "last50": i.get("last50")} for k, i in enumerate(infos)]
+    with atomic_dir(out) as tmp:
+        for f in (staging / "run0").iterdir():
+            shutil.copy2(f, tmp / f.name)
+        for k in range(1, cfg.seeds):
+            shutil.copytree(staging / f"run{k}", tmp / f"run{k}")
+        top = json.loads((tmp / "meta.json").read_text())
+        write_json(tmp / "meta.json", {**top, "config": to_dict(cfg), "runs": runs})
+    shutil.rmtree(staging)
+    return {**infos[0], "runs": runs}
+
+
+def _run_one(prof, recipe: str, cfg: MetaParams, data_dir: str | Path, chc_dir: str | Path, tasks_dir: str | Path,
+             backbone_dir: str | Path, out: Path, progress: bool = True, prototypes_dir: str | Path | None = None,
+             world: World = World()) -> dict:
+    """One meta-training run of `cfg` (its own seed) into `out`."""
     out, t0 = Path(out), time.time()
     tasks, tmeta = load_tasks(tasks_dir, cfg.tasks)
     keys_path = Path(chc_dir) / KEYS
@@ -624,8 +675,6 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
         write_json(tmp / "meta.json", {**info, "history": history})
         _plot(history, tmp / "meta.png", f"meta-training {recipe} ({cfg.prompt.kind})")
     if ckpt.exists():
-        import shutil
-
         shutil.rmtree(ckpt)
     log.info("meta-trained %s: %d steps in %.0f s; held-out query loss %.3f -> %.3f unadapted, %.3f -> %.3f "
              "after the regulated step", recipe, len(history), train_s, before["query_loss"], after["query_loss"],

@@ -48,6 +48,7 @@ treated functionally (`regulate`), which the meta-gradient needs.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Literal, Mapping
@@ -269,3 +270,15 @@ def load_meta(meta_dir: str | Path, learner=None) -> tuple[dict[str, torch.Tenso
     regs.load_state_dict(phi)
     regs.requires_grad_(False)
     return theta, regs, meta
+
+
+def meta_run(meta_dir: str | Path, seed: int | None) -> tuple[Path, int]:
+    """(directory, run index) of the meta-training run that grid seed `seed` reads: run (seed − 1) mod N of a
+    recipe trained with `seeds` = N (`seed` None, or one run: run 0, the top of `meta_dir`)."""
+    meta_dir = Path(meta_dir)
+    info = meta_dir / "meta.json"
+    n = len(json.loads(info.read_text()).get("runs", [])) if info.exists() else 0
+    if seed is None or n <= 1:
+        return meta_dir, 0
+    k = (seed - 1) % n
+    return (meta_dir if k == 0 else meta_dir / f"run{k}"), k

@@ -297,20 +297,27 @@ def meta_training(meta_dir: str | Path, recipes: list[str], out: str | Path, pro
 
     out = Path(out)
     md = [f"# GRAM meta-training ({profile})", "",
-          "Held-out query loss (text-as-class, mean over the same held-out tasks before and after meta-training): "
-          "at θ unadapted, and at θ' after the regulated inner step(s). Gate: the mean mix gate c at the end "
-          "(1 = raw gradient). Written by `gram report` from `models/<profile>/meta/<recipe>/meta.json` (which "
-          "also has the wall times).", "",
-          "| recipe | prompt | tasks | steps | query loss before → after | adapted before → after | gate |",
-          "|---|---|---|---:|---|---|---:|"]
+          "Validation query loss (the task loss, mean over the same validation tasks before and after "
+          "meta-training: tasks over held-out clusters where the tasks stage held some out, else a fixed sample of "
+          "the training tasks): at θ unadapted, and at θ' after the regulated inner step(s). Dev: the accuracy of "
+          "θ's prompts of the `select` dataset's class names in the meta-training domain (val split) at the "
+          "initialisation and at the step selected (0: the initialisation was best). Gate: the mean mix gate c at "
+          "the end (1 = raw gradient). With several meta-training seeds, run 0's figures. Written by `gram report` "
+          "from `models/<profile>/meta/<recipe>/meta.json` (which also has every run and the wall times).", "",
+          "| recipe | prompt | tasks | steps | query loss before → after | adapted before → after | dev accuracy "
+          "init → selected (step) | gate |",
+          "|---|---|---|---:|---|---|---|---:|"]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for r in recipes:
         info = read_json(Path(meta_dir) / r / "meta.json")
         v, hist = info["validation"], info["history"]
-        gate = hist[-1]["gate"]
-        md.append(f"| {r} | {info['kind']} | {info['tasks']['file'].removesuffix('.safetensors')} | {info['steps']} | "
-                  f"{v['before']['query_loss']:.3f} → {v['after']['query_loss']:.3f} | "
-                  f"{v['before']['query_loss_adapted']:.3f} → {v['after']['query_loss_adapted']:.3f} | "
+        gate, sel = hist[-1]["gate"], info.get("select")
+        dev = (f"{100 * sel['initial']['accuracy']:.1f} → {100 * sel['best']['accuracy']:.1f} ({sel['best']['step']})"
+               if sel else "–")
+        kind = info["tasks"].get("kind", "pairs")
+        md.append(f"| {r} | {info['kind']} | {info['tasks']['file'].removesuffix('.safetensors')} ({kind}) | "
+                  f"{info['steps']} | {v['before']['query_loss']:.3f} → {v['after']['query_loss']:.3f} | "
+                  f"{v['before']['query_loss_adapted']:.3f} → {v['after']['query_loss_adapted']:.3f} | {dev} | "
                   f"{'–' if gate is None else f'{gate:.2f}'} |")
         y = np.array([h["query_loss"] for h in hist])
         w = max(1, len(y) // 25)

@@ -58,7 +58,7 @@ from gram.io import check_finite, config_digest, file_sha256, write_json
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, encode_text_embeds, normalize
 from gram.prototypes import load_structure
-from gram.regulator import META, load_meta
+from gram.regulator import META, load_meta, meta_run
 from gram.stage import stage_parser, stage_setup
 from gram.tensorio import DamagedFile, load_prompt, load_tensors, save_tensors
 from gram.tune import frozen_features
@@ -597,8 +597,9 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
     meta = regulator = context = None
     meta_info = None
     if needs_meta:
-        meta = load_meta(meta_dir, learner)
-        meta_info = {"recipe": meta[2]["recipe"], "sha256": file_sha256(Path(meta_dir) / META)}
+        run_dir, run = meta_run(meta_dir, seed)  # recipes with several seeds: the run of this seed
+        meta = load_meta(run_dir, learner)
+        meta_info = {"recipe": meta[2]["recipe"], "run": run, "sha256": file_sha256(run_dir / META)}
         if m.regulator != "none":
             regulator = meta[1].to(bb.device).requires_grad_(False)
         if m.regulator == "structure":

@@ -49,7 +49,7 @@ from gram.images import preprocess
 from gram.io import check_finite, file_sha256, write_json
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, normalize
-from gram.regulator import META, load_meta
+from gram.regulator import META, load_meta, meta_run
 from gram.stage import stage_parser, stage_setup
 from gram.tensorio import load_prompt, save_prompt
 
@@ -246,12 +246,13 @@ def fit(bb, name: str, m: MethodParams, dataset: str, pc, shots: int, seed: int,
         learner = make_learner(bb, m, len(class_ids), seed)
         regulator = None
         if is_gram(m):
-            theta0, regs, mm = load_meta(meta_dir, learner)
+            run_dir, run = meta_run(meta_dir, seed)  # recipes with several seeds: the run of this seed
+            theta0, regs, mm = load_meta(run_dir, learner)
             if m.meta_init:
                 learner.load_state_dict({k: v.to(bb.device) for k, v in theta0.items()})
             if m.meta_regulator:
                 regulator = regs.to(bb.device)
-            meta_info = {"recipe": mm["recipe"], "sha256": file_sha256(Path(meta_dir) / META),
+            meta_info = {"recipe": mm["recipe"], "run": run, "sha256": file_sha256(run_dir / META),
                          "init": m.meta_init, "regulator": m.meta_regulator}
         losses = tune(learner, preprocess(images, bb.spec), torch.as_tensor(labels), names, m.steps,
                       m.lr, m.batch_size, m.optimizer, warmup=m.warmup, warmup_lr=m.warmup_lr,

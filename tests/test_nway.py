@@ -235,3 +235,31 @@ def test_select_keeps_its_best_step_across_a_resume(tiny_clip_dir, tmp_path):
     assert whole.best["loss"] == min(losses) and whole.best["step"] == int(np.argmin(losses))
     for n in whole.theta:
         torch.testing.assert_close(resumed.best["theta"][n], whole.best["theta"][n], rtol=1e-9, atol=1e-12)
+
+
+def test_meta_seeds_train_one_run_per_seed_and_tuning_seeds_read_them_in_turn(nway_world, tmp_path):
+    """`seeds: 2`: run 0 at the top of the output, run 1 in run1/ (another seed: another θ), meta.json lists
+    both, and grid seeds 1, 2, 3 read runs 0, 1, 0."""
+    from gram import regulator as R
+
+    def edit(raw):
+        _nway(raw)
+        raw["tiny"]["meta"]["coop"].update(seeds=2, steps=2, select={"dataset": None})  # θ of the last step
+
+    params = params_with(tmp_path, edit, "tiny")
+    out = tmp_path / "meta" / "coop"
+    w = nway_world
+    assert cli.main(["meta", "--params", params, "--profile", "tiny", "--recipe", "coop", "--data", str(w["data"]),
+                     "--chc", str(w["chc"]), "--tasks", str(w["tasks"]), "--backbone", str(w["backbone"]),
+                     "--out", str(out)]) == 0
+    info = json.loads((out / "meta.json").read_text())
+    assert [(r["run"], r["seed"], r["dir"]) for r in info["runs"]] == [(0, 0, "."), (1, 1, "run1")]
+    assert (out / "run1" / "meta.safetensors").exists() and not (tmp_path / "meta" / ".coop.runs").exists()
+    assert json.loads((out / "run1" / "meta.json").read_text())["config"]["seed"] == 1
+    assert [R.meta_run(out, s) for s in (1, 2, 3)] == [(out, 0), (out / "run1", 1), (out, 0)]
+    assert R.meta_run(out, None) == (out, 0)
+    from gram.tensorio import load_theta
+
+    t0, _, _ = load_theta(out / "meta.safetensors")
+    t1, _, _ = load_theta(out / "run1" / "meta.safetensors")
+    assert any(not torch.equal(t0[n], t1[n]) for n in t0)
