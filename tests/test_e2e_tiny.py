@@ -108,7 +108,7 @@ def test_snakemake_builds_the_meta_training_structure(snakemake_run):
     md = (snakemake_run / "results/tiny/clustering.md").read_text()
     assert all(f"| {m} |" in md for m in ("cross-modal", "image", "text")), md
     md = (snakemake_run / "results/tiny/meta_training.md").read_text()
-    assert re.search(r"\| coop \| coop \| tasks \| 4 \| [0-9.]+ → [0-9.]+ \|", md), md
+    assert re.search(r"\| coop \| coop \| tasks \(pairs\) \| 4 \| [0-9.]+ → [0-9.]+ \|", md), md
     assert (snakemake_run / "results/tiny/meta_training.png").stat().st_size > 0
 
 

@@ -263,3 +263,13 @@ def test_meta_seeds_train_one_run_per_seed_and_tuning_seeds_read_them_in_turn(nw
     t0, _, _ = load_theta(out / "meta.safetensors")
     t1, _, _ = load_theta(out / "run1" / "meta.safetensors")
     assert any(not torch.equal(t0[n], t1[n]) for n in t0)
+
+
+def test_report_shows_the_task_kind_and_the_dev_selection(nway_world, tmp_path):
+    from gram import report
+
+    report.meta_training(nway_world["meta"].parent, ["coop"], tmp_path, "tiny")
+    md = (tmp_path / "meta_training.md").read_text()
+    sel = json.loads((nway_world["meta"] / "meta.json").read_text())["select"]
+    dev = f"{100 * sel['initial']['accuracy']:.1f} → {100 * sel['best']['accuracy']:.1f} ({sel['best']['step']})"
+    assert "| coop | coop | tasks (nway) | 6 |" in md and f"| {dev} |" in md, md
