@@ -88,7 +88,7 @@ def markdown(rows: list[dict], profile: str, methods: list[str], datasets: list[
                "`chance` is 1/classes; `majority` always predicts the most frequent class of the split.")
     if emoji:
         out.append("\nThe backbone pretrains on the emojis of the train splits only, with captions of each emoji's "
-                   "own words (label and tags), never a class name as such: a class name's words reach it only "
+                   "own words (label, tags, keywords), never a class name as such: a class name's words reach it only "
                    "where an emoji's own words use them. Each column names its vendor's role.")
     if backbone and backbone.get("source") == "pretrain":
         on = f" on {len(backbone['emojis'])} emojis" if "emojis" in backbone else ""
