@@ -92,7 +92,7 @@ from gram.distributed import World
 from gram.io import atomic_dir, atomic_path, check_finite, config_digest, file_sha256, write_json, write_manifest
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, normalize
-from gram.prototypes import load_structure
+from gram.prototypes import PROTOTYPES, load_structure
 from gram.regulator import META, Regulators, make_regulators, regulate
 from gram.stage import stage_parser, stage_setup
 from gram.tasks import VAL_TASKS, Labelled, load_tasks, task_file
@@ -554,8 +554,11 @@ def run(prof, recipe: str, data_dir: str | Path, chc_dir: str | Path, tasks_dir:
         return _run_one(prof, recipe, cfg, *args, Path(out), progress, prototypes_dir, world)
     out = Path(out)
     staging = out.with_name(f".{out.name}.runs")
-    key = config_digest({"config": to_dict(cfg), "tasks": file_sha256(Path(tasks_dir) / task_file(cfg.tasks)),
-                         "backbone": backbone_fingerprint(backbone_dir), "keys": file_sha256(Path(chc_dir) / KEYS)})
+    inputs = [Path(tasks_dir) / task_file(cfg.tasks), Path(tasks_dir) / VAL_TASKS, Path(chc_dir) / KEYS]
+    if cfg.context == "structure" and prototypes_dir is not None:
+        inputs.append(Path(prototypes_dir) / PROTOTYPES)
+    key = config_digest({"config": to_dict(cfg), "backbone": backbone_fingerprint(backbone_dir),
+                         "files": {f.name: file_sha256(f) for f in inputs if f.exists()}})
     stamp = staging / "inputs.json"
     if world.main and staging.exists() and not (stamp.exists() and json.loads(stamp.read_text()).get("digest") == key):
         shutil.rmtree(staging)  # runs of other parameters or inputs

@@ -273,3 +273,31 @@ def test_report_shows_the_task_kind_and_the_dev_selection(nway_world, tmp_path):
     sel = json.loads((nway_world["meta"] / "meta.json").read_text())["select"]
     dev = f"{100 * sel['initial']['accuracy']:.1f} → {100 * sel['best']['accuracy']:.1f} ({sel['best']['step']})"
     assert "| coop | coop | tasks (nway) | 6 |" in md and f"| {dev} |" in md, md
+
+
+def test_an_interrupted_multi_seed_meta_job_resumes_at_its_first_unfinished_run(nway_world, tmp_path, monkeypatch):
+    from gram import config as C
+
+    def edit(raw):
+        _nway(raw)
+        raw["tiny"]["meta"]["coop"].update(seeds=2, steps=2, select={"dataset": None})
+
+    prof = C.load(params_with(tmp_path, edit, "tiny"), "tiny")[1]
+    w, out = nway_world, tmp_path / "meta" / "coop"
+    args = (prof, "coop", w["data"], w["chc"], w["tasks"], w["backbone"], out)
+    real, seeds = M._run_one, []
+
+    def flaky(prof, recipe, cfg, *a, **k):
+        seeds.append(cfg.seed)
+        if cfg.seed == 1 and seeds.count(1) == 1:
+            raise KeyboardInterrupt  # the job is killed during its second run
+        return real(prof, recipe, cfg, *a, **k)
+
+    monkeypatch.setattr(M, "_run_one", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        M.run(*args, progress=False)
+    assert not out.exists() and (out.parent / ".coop.runs" / "run0" / "meta.json").exists()
+    M.run(*args, progress=False)
+    assert seeds == [0, 1, 1]  # run 0 was not trained again
+    assert [r["seed"] for r in json.loads((out / "meta.json").read_text())["runs"]] == [0, 1]
+    assert not (out.parent / ".coop.runs").exists()
