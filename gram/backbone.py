@@ -438,7 +438,7 @@ def vocabulary_texts(metas: list[dict], class_names: set[str]) -> list[str]:
     (see the module docstring: their words that no caption holds keep their initial embedding)."""
     texts = [CAPTION_WORDS]
     for m in metas:
-        texts += [m["label"], " ".join(_tags(m))]
+        texts += [m["label"], " ".join([*m["tags"], *m.get("keywords", [])])]
     return texts + sorted(class_names)
 
 
