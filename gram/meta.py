@@ -278,17 +278,14 @@ class DevTask:
         self.learner, self.names, self.batch_size = learner, names, batch_size
         self.labels = torch.as_tensor(labels, dtype=torch.long, device=learner.backbone.device)
         self.pixels = pixels
-        self.visual = learner.visual_prompts(dict(learner.named_parameters()))[0] is not None
-        self.frozen = None if self.visual else self._images(None)
+        theta = dict(learner.named_parameters())
+        self.visual = learner.visual_prompts(theta)[0] is not None
+        self.frozen = None if self.visual else self._images(theta)  # no visual prompt: θ does not change them
 
     @torch.no_grad()
     def _images(self, theta) -> torch.Tensor:
-        parts = []
-        for i in range(0, len(self.pixels), self.batch_size):
-            px = self.pixels[i:i + self.batch_size].to(self.learner.backbone.device, self.learner.backbone.dtype)
-            parts.append(self.learner.image_features(px, theta).float() if theta is not None else
-                         normalize(encode_image_prompted(self.learner.clip, px, None)).float())
-        return torch.cat(parts)
+        return torch.cat([self.learner.image_features(self.pixels[i:i + self.batch_size], theta).float()
+                          for i in range(0, len(self.pixels), self.batch_size)])
 
     @torch.no_grad()
     def score(self, theta: dict[str, torch.Tensor]) -> dict[str, float]:

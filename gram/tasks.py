@@ -275,21 +275,21 @@ def sample_nway(assign: np.ndarray, parent: np.ndarray, complexity: np.ndarray, 
     cen = np.asarray(centroids, dtype=np.float64)
     cen = cen / np.linalg.norm(cen, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
+    _, pid = np.unique(np.asarray(phrases, dtype=object), return_inverse=True)  # phrase id of every cluster
     out: dict[str, list] = {k: [] for k in ("support", "query", "s_lab", "q_lab", "s_cls", "q_cls")}
     sims = np.zeros(n_tasks, np.float32)
     def draw_classes(n_way: int) -> tuple[list[int], list[int]]:
         p = p_all.copy()
-        s_cls, q_cls, used_names, q_names = [], [], set(), set()
+        s_cls, q_cls = [], []
         taken = np.zeros(n_c, bool)
+        s_names, q_names = np.zeros(len(pid), bool), np.zeros(len(pid), bool)  # phrase ids in use, per side
         while len(s_cls) < n_way and p.sum() > 0:
             a = int(rng.choice(n_c, p=p / p.sum()))
             p[a] = 0.0
-            if phrases[a] in used_names:
+            if s_names[pid[a]]:
                 continue
             if cross_cluster:
-                free = can_q & ~taken
-                free[a] = False
-                free &= np.array([phrases[c] not in q_names and phrases[c] != phrases[a] for c in range(n_c)])
+                free = can_q & ~taken & ~q_names[pid] & (pid != pid[a])
                 sib = np.flatnonzero(free & (parent == parent[a]))
                 pool = sib if len(sib) else np.flatnonzero(free)
                 if not len(pool):
@@ -299,8 +299,7 @@ def sample_nway(assign: np.ndarray, parent: np.ndarray, complexity: np.ndarray, 
                 b = a
             s_cls.append(a)
             q_cls.append(b)
-            used_names.add(phrases[a])
-            q_names.add(phrases[b])
+            s_names[pid[a]] = q_names[pid[b]] = True
             taken[[a, b]] = True
             p[b] = 0.0
         return s_cls, q_cls
