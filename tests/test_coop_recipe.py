@@ -214,7 +214,7 @@ def test_the_emoji_coop_recipe_is_coops(raw):
     ("weight_decay", -5.0e-4, r"`emoji\.methods\.coop\.weight_decay` = -0\.0005 is below its minimum 0\.0"),
     ("warmup", -1, r"`emoji\.methods\.coop\.warmup` = -1 is below its minimum 0"),
     ("warmup_lr", -1.0e-5, r"`emoji\.methods\.coop\.warmup_lr` = -1e-05 is below its minimum 0\.0"),
-    ("warmup", 200, r"`emoji\.methods\.coop\.warmup` = 200 leaves none of the 200 steps to the cosine"),
+    ("warmup", 800, r"`emoji\.methods\.coop\.warmup` = 800 leaves none of the 800 steps to the cosine"),
     ("warmup", 1.5, r"`emoji\.methods\.coop\.warmup` must be int, got 1\.5"),
 ])
 def test_bad_recipe_values_name_the_key(tmp_path, raw, key, value, message):
