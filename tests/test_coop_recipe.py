@@ -201,20 +201,24 @@ def raw() -> dict:
 
 
 def test_the_emoji_coop_recipe_is_coops(raw):
-    """The emoji CoOp recipe (and the GRAM methods that merge it) warm up one full-batch step, an epoch, at
-    1e-5 and decay the weights by 5e-4."""
+    """The emoji CoOp recipe (and the GRAM methods that merge it) tunes CoOp's default context (16 vectors from
+    a random init), warms up one full-batch step, an epoch, at 1e-5 and decays the weights by 5e-4; the coop
+    meta recipes meta-learn a θ of that shape."""
     for profile in ("emoji", "demo"):
-        methods = C.load(ROOT / "params.yaml", profile)[1].methods
-        for name, m in methods.items():
+        prof = C.load(ROOT / "params.yaml", profile)[1]
+        for name, m in prof.methods.items():
             if name.startswith("coop"):
+                assert (m.init, m.n_ctx) == (None, 16), name
                 assert (m.warmup, m.warmup_lr, m.weight_decay, m.batch_size) == (1, 1.0e-5, 5.0e-4, 0), name
+        for recipe in ("coop", "coop-same"):
+            assert (prof.meta[recipe].prompt.init, prof.meta[recipe].prompt.n_ctx) == (None, 16), recipe
 
 
 @pytest.mark.parametrize("key, value, message", [
     ("weight_decay", -5.0e-4, r"`emoji\.methods\.coop\.weight_decay` = -0\.0005 is below its minimum 0\.0"),
     ("warmup", -1, r"`emoji\.methods\.coop\.warmup` = -1 is below its minimum 0"),
     ("warmup_lr", -1.0e-5, r"`emoji\.methods\.coop\.warmup_lr` = -1e-05 is below its minimum 0\.0"),
-    ("warmup", 800, r"`emoji\.methods\.coop\.warmup` = 800 leaves none of the 800 steps to the cosine"),
+    ("warmup", 800, r"`emoji\.methods\.coop\.warmup` = 800 leaves none of the 800 steps to the cosine"),  # = steps
     ("warmup", 1.5, r"`emoji\.methods\.coop\.warmup` must be int, got 1\.5"),
 ])
 def test_bad_recipe_values_name_the_key(tmp_path, raw, key, value, message):
