@@ -651,6 +651,8 @@ class TptMethodParams(Section):
     regulator: Literal["none", "plain", "structure"] = _f(
         "none", help="ψ_φ on the test-time gradient: none; plain (h = mean feature of the kept views); structure "
                      "(h = their relation to the meta-training prototypes)")
+    lr: Optional[float] = _f(None, help="this method's AdamW learning rate (null: tpt.lr); a prompt of another "
+                                        "scale than the words' (CoOp's random context) needs its own", min=0.0)
 
     def check(self) -> None:
         if self.prompt.kind != "coop" or self.prompt.class_specific:

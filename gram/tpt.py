@@ -37,6 +37,7 @@ the image, the step and the value) before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -607,7 +608,8 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
             context = structure.to(bb.device)
             meta_info["prototypes_sha256"] = proto_sha
     ctx0, init_info = initial_context(learner, m, prompt_path, meta)
-    tuner = TestTimeTuner(learner, ctx0, cfg, regulator, context)
+    run_cfg = cfg if m.lr is None else dataclasses.replace(cfg, lr=m.lr)  # the method's own lr, if it has one
+    tuner = TestTimeTuner(learner, ctx0, run_cfg, regulator, context)
     augment = "augmix" if dataset in cfg.augmix else cfg.augment
     if views_cache is not None:
         fp = backbone_fingerprint(backbone_dir)
@@ -640,7 +642,7 @@ def run(params, prof, dataset: str, method: str, seed: int, data_dir: str | Path
     record = {"protocol": "test-time", "dataset": dataset, "method": method, "seed": seed, "augment": augment,
               "init": init_info, "regulator": m.regulator, "meta": meta_info, "domains": domains,
               "summary": summary,
-              "config": {"method": to_dict(m), "tpt": {k: v for k, v in to_dict(cfg).items() if k != "methods"}},
+              "config": {"method": to_dict(m), "tpt": {k: v for k, v in to_dict(run_cfg).items() if k != "methods"}},
               "wall_time_s": round(time.time() - t_start, 3)}
     write_json(out, record)
     return record

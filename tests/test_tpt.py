@@ -304,6 +304,28 @@ def test_tpt_without_steps_predicts_with_the_initial_prompt(tptworld, tiny_param
     assert np.array_equal(res["before"], res["after"]) and np.array_equal(res["after"], zs.numpy())
 
 
+def test_a_methods_own_lr_replaces_tpts(tptworld, tmp_path, tiny_params):
+    """`lr` of a test-time method replaces tpt.lr for that method alone: its run equals the run with tpt.lr set
+    to the same value, and its lr 0 leaves every prediction where the initial prompt put it."""
+    params, prof = tiny_params
+    cfg = prof.tpt
+    lr = cfg.lr * 10
+
+    def scored(tpt_cfg, method):
+        out = tmp_path / f"{method}-{tpt_cfg.lr}.json"
+        return T.run(params, dataclasses.replace(prof, tpt=tpt_cfg), "subgroup16", method, 1, tptworld["data"],
+                     tptworld["backbone"], out, progress=False)
+
+    methods = {**cfg.methods, "own": dataclasses.replace(cfg.methods["tpt"], lr=lr),
+               "frozen": dataclasses.replace(cfg.methods["tpt"], lr=0.0)}
+    own, frozen = (scored(dataclasses.replace(cfg, methods=methods), m) for m in ("own", "frozen"))
+    shared = scored(dataclasses.replace(cfg, lr=lr), "tpt")
+    assert own["config"]["tpt"]["lr"] == shared["config"]["tpt"]["lr"] == lr
+    assert [d["after"] for d in own["domains"]] == [d["after"] for d in shared["domains"]]
+    assert all(d["after"] == d["before"] and d["changed"] == 0 for d in frozen["domains"])
+    assert any(d["changed"] > 0 for d in shared["domains"])  # this lr does move predictions: the check can fail
+
+
 def test_tpt_refuses_missing_or_extra_inputs(tptworld, tmp_path, capsys):
     out = tmp_path / "r.json"
     assert stage(*tpt_args(tptworld, "tpt+gram", out)) == 1
