@@ -389,6 +389,8 @@ class MethodParams(Section):
     init: Optional[str] = _f("a {} emoji", help="coop/joint: template whose words before `{}` initialise the "
                                                  "context and whose words after it stay fixed (null: random)")
     n_ctx: int = _f(4, help="coop/joint: context vectors when `init` is null", min=1)
+    template: Optional[str] = _f(None, help="vpt: the fixed text prompt of every class, a template with `{}` for "
+                                            "the name, e.g. \"a photo of a {}.\" (null: the bare class name)")
     class_specific: bool = _f(False, help="coop: one context per class (cannot score unseen classes)")
     n_tokens: int = _f(4, help="vpt/joint: visual tokens per layer", min=0)
     deep: bool = _f(True, help="vpt/joint: fresh tokens at every layer (false: first layer only)")
@@ -411,6 +413,13 @@ class MethodParams(Section):
     def check(self) -> None:
         if self.kind == "vpt" and self.n_tokens < 1:
             raise self.invalid("vpt needs n_tokens >= 1")
+        if self.template is not None:
+            if self.kind != "vpt":
+                raise self.invalid_field("template", f"= {self.template!r} applies to vpt only (coop and joint take "
+                                                     "their text from `init`)")
+            if self.template.count("{}") != 1:
+                raise self.invalid_field("template", f"= {self.template!r} must hold `{{}}` once, where the class "
+                                                     "name goes")
         if 0 < self.steps <= self.warmup:
             raise self.invalid_field("warmup", f"= {self.warmup} leaves none of the {self.steps} steps to the cosine "
                                                "schedule (it must be below `steps`)")
@@ -951,9 +960,10 @@ def _check_params(obj: Params, where: str) -> None:
 
 
 def prompt_shape(m: MethodParams) -> tuple[str, ...]:
-    """The fields of a method that decide the shapes of its θ (what a meta-learned θ must agree on)."""
+    """The fields of a method that decide the shapes of its θ and what θ is read with (a meta-learned θ must
+    agree on them): vpt's tokens were meta-learned against the class features of its `template`."""
     text = ("init",) + (("n_ctx",) if m.init is None else ())
-    return ("kind",) + {"coop": text, "vpt": ("n_tokens", "deep"),
+    return ("kind",) + {"coop": text, "vpt": ("n_tokens", "deep", "template"),
                         "joint": text + ("n_tokens", "deep", "coupled")}.get(m.kind, ())
 
 

@@ -301,6 +301,10 @@ def test_meta_stage_refuses_tasks_of_another_hierarchy(metaworld, tmp_path, caps
     (lambda r: r["grid"]["gram"].append({"method": "coop", "meta": "coop"}), "uses neither meta_init"),
     (lambda r: r["grid"]["gram"].append({"method": "coop+gram", "meta": "nope"}), "is not in grid.meta"),
     (lambda r: r["grid"]["gram"].__setitem__(0, {"method": "coop+gram", "meta": "vpt"}), "differ in"),
+    # VPT's tokens are meta-learned against its template's class features: another template would misread them
+    (lambda r: r["emoji"]["meta"]["vpt"].update(prompt={"kind": "vpt", "n_tokens": 4, "deep": True,
+                                                         "template": "a {} emoji"}),
+     r"method 'vpt\+gram' and the prompt of `emoji\.meta\.vpt` differ in \['template'\]"),
     (lambda r: (r["grid"]["gram"].pop(1), r["grid"]["tuned"].append("vpt+gram")), "a GRAM method: list it in"),
     (lambda r: r["grid"]["tuned"].append("vpt+gram"), "is also in grid.tuned"),
     (lambda r: r["emoji"]["tasks"].__setitem__("variants", []), "needs 'same-cluster' in tasks.variants"),

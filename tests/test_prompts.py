@@ -66,6 +66,28 @@ def test_vpt_without_tokens_reproduces_the_image_features(bb, pixels):
     torch.testing.assert_close(learner.image_features(pixels), ref, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("template", ["an emoji of a {}", "a {} emoji.", "{}"])
+def test_vpt_class_features_are_its_templates_hard_prompt(bb, template):
+    learner = VPT(bb, n_tokens=2, deep=True, template=template, generator=torch.Generator().manual_seed(0))
+    ref = reference_text(bb, [template.format(n) for n in NAMES])
+    torch.testing.assert_close(learner.text_features(NAMES), ref, rtol=0, atol=1e-5)
+    # without a template: the bare names, which are other features
+    bare = VPT(bb, n_tokens=2).text_features(NAMES)
+    torch.testing.assert_close(bare, reference_text(bb, NAMES), rtol=0, atol=1e-5)
+    if template != "{}":
+        assert (bare - ref).abs().max() > 1e-2
+
+
+def test_a_vpt_template_is_checked_where_it_is_written():
+    from gram.config import ConfigError, MethodParams
+
+    with pytest.raises(ConfigError, match="template.*applies to vpt only"):
+        MethodParams(kind="coop", template="a {}")
+    with pytest.raises(ConfigError, match="template.*once"):
+        MethodParams(kind="vpt", template="a photo")
+    assert MethodParams(kind="vpt", template="a photo of a {}.").template == "a photo of a {}."
+
+
 @pytest.mark.parametrize("deep", [False, True])
 def test_vpt_tokens_change_the_features_and_get_gradients(bb, pixels, deep):
     learner = VPT(bb, n_tokens=2, deep=deep, generator=torch.Generator().manual_seed(0))

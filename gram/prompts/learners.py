@@ -8,7 +8,8 @@
   vectors of N(0, 0.02²) and the suffix ".", which CoOp appends to every class name; a template's
   text after `{}` is kept as written (no "." is added to "a {} emoji").
 - VPT [sibling: Jia et al.]: P learnable tokens after the class token of the vision transformer,
-  shallow (first layer only) or deep (fresh tokens at every layer).
+  shallow (first layer only) or deep (fresh tokens at every layer). Its class features are those of a
+  fixed hard prompt (`template="a photo of a {}."`), or of the bare class name without one.
 - Joint [abstract: "mutually enhanced" textual and visual prompts; the coupling is ours]: both, and
   optionally coupled: the visual tokens of every layer are a learned linear map of the text context
   (plus their own tokens), so one gradient step moves both towers together.
@@ -46,6 +47,7 @@ class PromptLearner(nn.Module):
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.n_ctx = 0
+        self.prefix: list[int] = []  # fixed word ids between the context and the name (VPT's template)
         self.suffix_text = ""  # text after the class name, as the template writes it (" emoji", ".")
         self.suffix: list[int] = []  # its ids alone, kept whole when a long name is cut
 
@@ -67,21 +69,21 @@ class PromptLearner(nn.Module):
 
     # -- text ---------------------------------------------------------------------------------
     def prompt_ids(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [C, L] = [BOS] + M placeholders + name + suffix + [EOS] (+ padding), and EOS positions [C].
+        """ids [C, L] = [BOS] + M placeholders + prefix + name + suffix + [EOS] (+ padding), and EOS positions [C].
 
         The name and the suffix are tokenized together, as the hard prompt's text is (so "<name>." gives
         the ids of `tokenizer("<name>.")` even where a tokenizer joins a name's last character with the
         "."); a name too long for the context is cut and the suffix's own ids follow it whole."""
         rows, eos = [], []
-        room = self.context - 2 - self.n_ctx - len(self.suffix)
+        room = self.context - 2 - self.n_ctx - len(self.prefix) - len(self.suffix)
         if room < 1:
-            raise ValueError(f"{self.n_ctx} context tokens and a suffix of {len(self.suffix)} leave no room "
-                             f"for the class name in a context of {self.context}")
+            raise ValueError(f"{self.n_ctx} context tokens, a prefix of {len(self.prefix)} and a suffix of "
+                             f"{len(self.suffix)} leave no room for the class name in a context of {self.context}")
         for name in names:
             body = self.word_ids(name + self.suffix_text)
             if len(body) > room + len(self.suffix):
                 body = self.word_ids(name)[:room] + self.suffix
-            rows.append([self.bos] + [self.pad] * self.n_ctx + body + [self.eos])
+            rows.append([self.bos] + [self.pad] * self.n_ctx + self.prefix + body + [self.eos])
             eos.append(len(rows[-1]) - 1)
         length = max(map(len, rows))
         ids = torch.tensor([r + [self.pad] * (length - len(r)) for r in rows])
@@ -190,10 +192,20 @@ class CoOp(PromptLearner):
 
 
 class VPT(PromptLearner):
-    """Learnable visual tokens after the class token: shallow (first layer) or deep (every layer)."""
+    """Learnable visual tokens after the class token: shallow (first layer) or deep (every layer).
 
-    def __init__(self, backbone, n_tokens: int = 4, deep: bool = False, generator: torch.Generator | None = None):
+    The class features are fixed: those of `template` (e.g. "a photo of a {}.", exactly
+    `get_text_features` of the filled-in text) or, with None, of the bare class name."""
+
+    def __init__(self, backbone, n_tokens: int = 4, deep: bool = False, template: str | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__(backbone)
+        if template is not None:
+            if "{}" not in template:
+                raise ValueError(f"VPT template {template!r} has no {{}} for the class name")
+            prefix, self.suffix_text = _split_template(template)
+            self.prefix = self.word_ids(prefix) if prefix else []
+            self.suffix = self.word_ids(self.suffix_text) if self.suffix_text else []
         tokens = _visual_tokens(self.clip, n_tokens, deep, generator)
         self.deep = deep
         self.vpt = nn.Parameter(tokens.to(self.backbone.device))
@@ -233,7 +245,7 @@ def make_learner(bb, m: MethodParams, n_classes: int, seed: int):
         return CoOp(bb, init=m.init, n_ctx=m.n_ctx, class_specific=m.class_specific, n_classes=n_classes,
                     generator=gen)
     if m.kind == "vpt":
-        return VPT(bb, n_tokens=m.n_tokens, deep=m.deep, generator=gen)
+        return VPT(bb, n_tokens=m.n_tokens, deep=m.deep, template=m.template, generator=gen)
     if m.kind == "joint":
         return Joint(bb, init=m.init, n_ctx=m.n_ctx, n_tokens=m.n_tokens, deep=m.deep, coupled=m.coupled,
                      generator=gen)
