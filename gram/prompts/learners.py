@@ -67,6 +67,11 @@ class PromptLearner(nn.Module):
     def word_ids(self, text: str) -> list[int]:
         return list(self.backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def set_suffix(self, text: str) -> None:
+        """The fixed text after the class name, as written, and its ids alone."""
+        self.suffix_text = text
+        self.suffix = self.word_ids(text) if text else []
+
     # -- text ---------------------------------------------------------------------------------
     def prompt_ids(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """ids [C, L] = [BOS] + M placeholders + prefix + name + suffix + [EOS] (+ padding), and EOS positions [C].
@@ -167,13 +172,12 @@ class CoOp(PromptLearner):
             ids = self.word_ids(prefix)
             if not ids:
                 raise ValueError(f"CoOp init template {init!r} has no words before the class name")
-            self.suffix_text = suffix
             with torch.no_grad():
                 ctx = emb(torch.tensor(ids, device=emb.weight.device)).float()  # [M, D]
         else:
-            self.suffix_text = "."  # CoOp's prompt: " ".join(["X"] * M) + " " + name + "."
+            suffix = "."  # CoOp's prompt: " ".join(["X"] * M) + " " + name + "."
             ctx = torch.randn(n_ctx, emb.embedding_dim, generator=generator) * 0.02
-        self.suffix = self.word_ids(self.suffix_text) if self.suffix_text else []
+        self.set_suffix(suffix)
         self.n_ctx = ctx.shape[0]
         if class_specific:
             if not n_classes:
@@ -203,9 +207,9 @@ class VPT(PromptLearner):
         if template is not None:
             if "{}" not in template:
                 raise ValueError(f"VPT template {template!r} has no {{}} for the class name")
-            prefix, self.suffix_text = _split_template(template)
+            prefix, suffix = _split_template(template)
             self.prefix = self.word_ids(prefix) if prefix else []
-            self.suffix = self.word_ids(self.suffix_text) if self.suffix_text else []
+            self.set_suffix(suffix)
         tokens = _visual_tokens(self.clip, n_tokens, deep, generator)
         self.deep = deep
         self.vpt = nn.Parameter(tokens.to(self.backbone.device))
