@@ -30,6 +30,7 @@ STAGES = {
     "tpt": ("gram.tpt", "test-time prompt tuning (TPT, GRAM's structure-induced regulator) of one method and seed"),
     "report": ("gram.report", "render the result tables and plots"),
     "tpt-report": ("gram.report:main_tpt", "render the test-time table of grid.tpt"),
+    "draws": ("gram.draws", "tables over several backbone draws (pipeline runs of one grid): per draw and pooled"),
     "schema": ("gram.schema", "write the JSON schema of params.yaml (for Snakemake)"),
     "dvc": ("gram.stages", "write dvc.yaml from the stage table (gram/stages.py)"),
     "check-data": ("gram.data.check", "check that the paper profile's datasets are in place and readable"),

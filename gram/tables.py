@@ -215,21 +215,43 @@ def paired_difference(a: list[np.ndarray], b: list[np.ndarray], combine=None, re
             (for base-to-new: the harmonic mean of base and new).
     Each resample draws the classes of every part with replacement, the same draw for both methods and
     every run (paired: the class-to-class spread the two share cancels)."""
+    out = pooled_difference([a], [b], combine, resamples, seed)
+    del out["per_draw"], out["draws"]
+    return out
+
+
+def pooled_difference(a: list[list[np.ndarray]], b: list[list[np.ndarray]], combine=None,
+                      resamples: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> dict:
+    """`paired_difference` over several draws of the backbone (gram.draws): Δ is the mean over draws of each
+    draw's Δ, and the bootstrap resamples the classes (one draw of them for every backbone draw: they are
+    the same test classes) and, with more than one draw, the draws as well, with replacement.
+
+    Args:
+        a, b: per draw, the `paired_difference` arguments of that draw (the same parts and classes in each).
+    Returns `paired_difference`'s dict with `per_draw` (each draw's Δ on every class) and `draws`. With one
+    draw the draws are not resampled and the result is `paired_difference`'s to the bit."""
     combine = combine or (lambda parts: parts[0])
-    keep = [~np.isnan(pa).any(0) for pa in a]
-    a = [pa[:, k] for pa, k in zip(a, keep)]
-    b = [pb[:, k] for pb, k in zip(b, keep)]
+    shapes = {tuple(pa.shape[1] for pa in d) for d in a + b}
+    if len(shapes) != 1 or any(len(d) != len(a[0]) for d in a + b):
+        raise ValueError(f"paired difference: the draws' parts differ in their classes ({sorted(shapes)})")
+    keep = [np.all([~np.isnan(d[i]).any(0) for d in a], axis=0) for i in range(len(a[0]))]
+    a = [[pa[:, k] for pa, k in zip(d, keep)] for d in a]
+    b = [[pb[:, k] for pb, k in zip(d, keep)] for d in b]
+    n = [int(k.sum()) for k in keep]
 
     def score(parts, idx):  # idx per part: [R, C] class draws -> [R] mean over runs of the combined score
         return combine([p[:, i].mean(-1) for p, i in zip(parts, idx)]).mean(-2)  # p[:, i]: [runs, R, C]
 
-    full = [np.arange(pa.shape[1])[None] for pa in a]
-    delta = float((score(a, full) - score(b, full))[0])
+    full = [np.arange(c)[None] for c in n]
+    per_draw = np.array([float((score(da, full) - score(db, full))[0]) for da, db in zip(a, b)])
     rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, pa.shape[1], size=(resamples, pa.shape[1])) for pa in a]
-    lo, hi = np.percentile(score(a, draws) - score(b, draws), [2.5, 97.5])
-    return {"delta": delta, "lo": float(lo), "hi": float(hi), "classes": [int(pa.shape[1]) for pa in a],
-            "resamples": resamples}
+    classes = [rng.integers(0, c, size=(resamples, c)) for c in n]
+    boot = np.stack([score(da, classes) - score(db, classes) for da, db in zip(a, b)], axis=1)  # [R, draws]
+    if len(a) > 1:
+        boot = np.take_along_axis(boot, rng.integers(0, len(a), size=(resamples, len(a))), axis=1)
+    lo, hi = np.percentile(boot.mean(1), [2.5, 97.5])
+    return {"delta": float(per_draw.mean()), "lo": float(lo), "hi": float(hi), "classes": n,
+            "resamples": resamples, "per_draw": per_draw.tolist(), "draws": len(a)}
 
 
 def _harmonic(parts):
