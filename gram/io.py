@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,6 +88,26 @@ def disk_full(path: Path) -> DiskFull:
     return err
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def creation_mode(directory: bool = False) -> int:
+    """The mode a plain `open(..., "w")` (0o666) or `mkdir` (0o777) would give under the process umask.
+    mkstemp and mkdtemp create 0o600 / 0o700, which a rename would carry into the output, leaving
+    results unreadable to the rest of a shared group or cluster."""
+    with _UMASK_LOCK:  # the umask can only be read by setting it
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def make_temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """mkdtemp in `parent`, with the mode `mkdir` would give (see `creation_mode`)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(tmp, creation_mode(directory=True))
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
@@ -100,6 +121,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, creation_mode())  # after the writer, which may have made the file anew
         os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC and not isinstance(e, DiskFull):
@@ -138,7 +160,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         directory is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path.parent, f".{path.name}.", ".tmp")
     try:
         yield tmp
         if path.exists():

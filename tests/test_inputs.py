@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -149,6 +151,28 @@ def test_a_full_disk_in_an_output_directory_names_the_file(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone"]  # no temporary directory left
     assert (out / "config.json").read_text() == "{}"  # the old output stays whole
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_outputs_get_the_mode_of_the_umask_not_the_temporary_files(tmp_path, umask):
+    """Atomic writes go through mkstemp/mkdtemp (0o600/0o700); the renamed output must be what a plain
+    write or mkdir would have made, or a shared cluster's group could not read the results."""
+    old = os.umask(umask)
+    try:
+        gio.write_text(tmp_path / "table.md", "x\n")
+        save_tensors(tmp_path / "tasks.safetensors", {"x": torch.zeros(2)})
+        with gio.atomic_dir(tmp_path / "backbone") as tmp:
+            (tmp / "config.json").write_text("{}")
+            (tmp / "sub").mkdir()
+        fetched = gio.make_temp_dir(tmp_path, ".fetch-")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "table.md") == mode(tmp_path / "tasks.safetensors") == 0o666 & ~umask
+    assert mode(tmp_path / "backbone") == mode(fetched) == 0o777 & ~umask
+    assert mode(tmp_path / "backbone" / "config.json") == 0o666 & ~umask
+    assert mode(tmp_path / "backbone" / "sub") == 0o777 & ~umask
+    assert gio.creation_mode() == 0o666 & ~old and os.umask(old) == old  # the umask is read, not changed
 
 
 def test_a_full_disk_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):

@@ -38,7 +38,6 @@ import posixpath
 import shutil
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -46,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from gram.data.fewshot import SPECS, read
-from gram.io import setup_logging, write_json
+from gram.io import make_temp_dir, setup_logging, write_json
 from gram.stage import stage_parser
 
 log = logging.getLogger("gram")
@@ -591,7 +590,7 @@ def _arrange(archive: Archive, path: Path, work: Path, staged: Path) -> None:
 def _install(ds: Path, todo: list[tuple[Archive, Path]]) -> None:
     """Arrange the downloads in a temporary folder beside `ds`, then rename them into place."""
     ds.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ds.name}.fetch-", dir=ds.parent))  # same file system: renames are atomic
+    tmp = make_temp_dir(ds.parent, f".{ds.name}.fetch-")  # same file system: renames are atomic
     try:
         staged = tmp / ds.name
         staged.mkdir()
