@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from gram import tables as T
-from gram.io import atomic_path, write_json, write_text
+from gram.io import save_png, write_json, write_text
 from gram.stage import stage_parser, stage_setup
 
 
@@ -209,8 +209,7 @@ def plot(paired: dict, names: list[str], path: Path) -> None:
     if panels:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -132,6 +132,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_png(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG (110 dpi), atomically; every plot of the reports goes through here."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -89,7 +89,7 @@ from gram.cluster import KEYS
 from gram.config import MetaParams, to_dict
 from gram.data.corpus import LazyPixels, locate_pairs
 from gram.distributed import World
-from gram.io import atomic_dir, atomic_path, check_finite, config_digest, file_sha256, write_json, write_manifest
+from gram.io import atomic_dir, check_finite, config_digest, file_sha256, save_png, write_json, write_manifest
 from gram.prompts import make_learner
 from gram.prompts.encoders import encode_image_prompted, normalize
 from gram.prototypes import PROTOTYPES, load_structure
@@ -526,8 +526,7 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 

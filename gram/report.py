@@ -40,7 +40,7 @@ from pathlib import Path
 
 from gram import tables
 from gram.config import Params, ProfileParams
-from gram.io import atomic_path, read_json, write_json, write_text
+from gram.io import read_json, save_png, write_json, write_text
 from gram.stage import stage_parser, stage_setup
 
 log = logging.getLogger("gram.report")
@@ -163,8 +163,7 @@ def plot_zero_shot(rows: list[dict], path: Path, methods: list[str], datasets: l
         ax.set_ylabel("class-balanced accuracy (%)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -184,8 +183,7 @@ def plot_loss(record: dict, path: Path) -> None:
     ax.set_ylabel("contrastive loss")
     ax.set_title("backbone pretraining")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -282,8 +280,7 @@ def clustering(chc_dir: str | Path, out: str | Path, profile: str) -> None:
     fig.tight_layout()
     write_text(out / "clustering.md", "\n".join(md) + "\n")
     write_text(out / "clustering.csv", table.getvalue())
-    with atomic_path(out / "clustering.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, out / "clustering.png")
     plt.close(fig)
 
 
@@ -328,8 +325,7 @@ def meta_training(meta_dir: str | Path, recipes: list[str], out: str | Path, pro
     ax.legend(fontsize=8)
     fig.tight_layout()
     write_text(out / "meta_training.md", "\n".join(md) + "\n")
-    with atomic_path(out / "meta_training.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, out / "meta_training.png")
     plt.close(fig)
 
 
@@ -484,8 +480,7 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
     write_text(out / "test_time.md", text)
     write_text(out / "test_time.csv", table.getvalue())
     write_text(out / TPT_TIMINGS, timing.getvalue())
-    with atomic_path(out / "test_time.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, out / "test_time.png")
     plt.close(fig)
     return text
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gram.io import atomic_path, read_json, write_json, write_text
+from gram.io import read_json, save_png, write_json, write_text
 
 METRIC = "balanced_accuracy"
 
@@ -442,8 +442,7 @@ def plot_few_shot(metrics: dict, runs: Runs, path: Path) -> None:
     if datasets:
         axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
