@@ -228,7 +228,7 @@ def pooled_difference(a: list[list[np.ndarray]], b: list[list[np.ndarray]], comb
 
     Args:
         a, b: per draw, the `paired_difference` arguments of that draw (the same parts and classes in each).
-    Returns `paired_difference`'s dict with `per_draw` (each draw's Δ on every class) and `draws`. With one
+    Returns `paired_difference`'s dict with `per_draw` (each draw's own Δ, on the classes kept) and `draws`. With one
     draw the draws are not resampled and the result is `paired_difference`'s to the bit."""
     combine = combine or (lambda parts: parts[0])
     shapes = {tuple(pa.shape[1] for pa in d) for d in a + b}
