@@ -310,8 +310,18 @@ def sample_caption(meta: dict, rng: random.Random, c: CaptionParams, class_names
     return label + (f", {picked}" if picked else "")
 
 
+def hue_rotation(angle: torch.Tensor) -> torch.Tensor:
+    """[B] angles (radians) -> [B, 3, 3] rotations of RGB about the grey axis (1, 1, 1)/√3 (Rodrigues):
+    grey levels stay, the chroma turns round the colour wheel (2π/3 takes red to green)."""
+    k = torch.full((3,), 3 ** -0.5, dtype=angle.dtype)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], dtype=angle.dtype) * k[0]  # [k]x
+    c, s = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    return c * torch.eye(3, dtype=angle.dtype) + s * cross + (1 - c) * torch.outer(k, k)
+
+
 def augment(x: torch.Tensor, a: AugmentParams, gen: torch.Generator) -> torch.Tensor:
-    """Random zoom, rotation and shift (white fill) and colour jitter of images in [0, 1], [B, 3, S, S]."""
+    """Random zoom, rotation and shift (white fill), colour jitter and hue rotation of images in [0, 1],
+    [B, 3, S, S]."""
     b = x.shape[0]
 
     def u(lo: float, hi: float) -> torch.Tensor:
@@ -334,6 +344,8 @@ def augment(x: torch.Tensor, a: AugmentParams, gen: torch.Generator) -> torch.Te
         x = (x - mean) * contrast + mean
         gray = x.mean(dim=1, keepdim=True)
         x = (x - gray) * sat + gray
+    if a.hue > 0:
+        x = torch.einsum("bij,bjhw->bihw", hue_rotation(u(-a.hue, a.hue) * 2 * math.pi).to(x), x)
     return x.clamp(0, 1)
 
 

@@ -301,6 +301,9 @@ class AugmentParams(Section):
     rotate: float = _f(0.15, help="max rotation in radians", min=0.0, max=3.1416)
     shift: float = _f(0.1, help="max shift as a fraction of the image side", min=0.0, max=0.5)
     jitter: float = _f(0.2, help="brightness/contrast/saturation jitter strength", min=0.0, max=1.0)
+    hue: float = _f(0.0, help="max hue rotation, a fraction of the colour wheel (0.5: any hue), about the grey "
+                              "axis so that white and grey stay; 0 draws nothing (earlier backbones stay the same)",
+                    min=0.0, max=0.5)
     vendor_mix: float = _f(0.0, help="probability that an image blends two pretraining vendors' artwork "
                                      "of the same emoji (weight ~ U(0, 1)): new styles between domains",
                            min=0.0, max=1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -106,6 +107,48 @@ def test_augment_keeps_range_and_fills_white():
     y = B.augment(x, C.AugmentParams(scale=[0.5, 0.5], rotate=0.0, shift=0.0, jitter=0.0), gen)
     assert y.min() >= 0 and y.max() <= 1
     assert torch.allclose(y[:, :, 0, 0], torch.ones(4, 3)) and torch.allclose(y[:, :, 8, 8], x[:, :, 8, 8])
+
+
+def test_hue_rotation_turns_the_colour_wheel_about_grey():
+    third = torch.tensor([2 * math.pi / 3], dtype=torch.float64)
+    red, green, blue = torch.eye(3, dtype=torch.float64)
+    r = B.hue_rotation(third)[0]
+    assert torch.allclose(r @ red, green, atol=1e-12) and torch.allclose(r @ green, blue, atol=1e-12)
+    angles = torch.tensor([0.0, 0.3, -1.7, math.pi], dtype=torch.float64)
+    rots = B.hue_rotation(angles)
+    grey = torch.tensor([0.4, 0.4, 0.4], dtype=torch.float64)
+    assert torch.allclose(rots @ grey, grey.expand(4, 3), atol=1e-12)  # grey (and the white fill) stays
+    assert torch.allclose(rots @ rots.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(4, 3, 3), atol=1e-12)
+    assert torch.allclose(rots[0], torch.eye(3, dtype=torch.float64), atol=1e-15)
+    # a pixel's mean over the channels (its grey level) is kept by any rotation
+    x = torch.rand(5, 3, dtype=torch.float64)
+    assert torch.allclose((x @ rots[2].T).mean(1), x.mean(1), atol=1e-12)
+
+
+def test_augment_with_hue_rotates_colour_and_without_it_draws_nothing_more():
+    x = torch.rand(6, 3, 8, 8)
+    # hue 0 draws the same random numbers as before the option existed (scale, angle, two shifts and three
+    # jitters per image), so the backbones pretrained before keep their draw
+    gen = torch.Generator().manual_seed(3)
+    B.augment(x, C.AugmentParams(scale=[1.0, 1.0], rotate=0.0, shift=0.0, jitter=0.2), gen)
+    assert torch.equal(gen.get_state(), _after_draws(3, 7 * 6))
+    # with hue: one more draw per image, the rotation of the geometric result (identity here: no zoom,
+    # rotation, shift or jitter), then the clamp
+    plain = C.AugmentParams(scale=[1.0, 1.0], rotate=0.0, shift=0.0, jitter=0.0)
+    y0 = B.augment(x, plain, torch.Generator().manual_seed(3))
+    y1 = B.augment(x, dataclasses.replace(plain, hue=0.5), torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    torch.rand(4 * 6, generator=gen)
+    angle = (-0.5 + torch.rand(6, generator=gen)) * 2 * math.pi
+    assert torch.allclose(y0, x, atol=1e-6)
+    want = torch.einsum("bij,bjhw->bihw", B.hue_rotation(angle), y0).clamp(0, 1)
+    assert torch.allclose(y1, want, atol=1e-6) and (y1 - y0).abs().max() > 0.1
+
+
+def _after_draws(seed: int, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    torch.rand(n, generator=gen)
+    return gen.get_state()
 
 
 def test_captions_start_from_the_label_and_vary():
