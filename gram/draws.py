@@ -35,10 +35,11 @@ def parse_draws(specs: list[str]) -> list[tuple[str, Path]]:
     """`NAME=DIR` (or `DIR`, named by itself) -> [(name, dir)]; each DIR holds a run's eval/ and runs/."""
     out = []
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        name, path = (name, Path(path)) if sep else (spec, Path(spec))
-        if not name or not str(path):
+        name, sep, where = spec.partition("=")
+        name, where = (name, where) if sep else (spec, spec)
+        if not name or not where:
             raise ValueError(f"--draw {spec!r}: write NAME=DIR (DIR: a results directory with eval/ and runs/)")
+        path = Path(where)
         for sub in ("eval", "runs"):
             if not (path / sub).is_dir():
                 raise FileNotFoundError(f"--draw {spec!r}: {path / sub} is not a directory (DIR must be a "
@@ -65,8 +66,7 @@ def _zero_shot_classes(runs: T.Runs, grid) -> list[np.ndarray]:
             rec = runs.zero_shot(m, protocol, ds)
         except FileNotFoundError:
             continue  # a protocol the profile has no targets for
-        out += [np.asarray([np.nan if v is None else v for v in r["per_class_accuracy"]])
-                for r in rec["results"] if r["applicable"]]
+        out += [T.per_class([rec], r["target"])[0] for r in rec["results"] if r["applicable"]]
     return out
 
 
@@ -216,7 +216,8 @@ def plot(paired: dict, names: list[str], path: Path) -> None:
 def run(grid, prof, specs: list[str], out: str | Path) -> dict:
     """Read every draw's records and write draws.md, draws.json and draws.png under `out`; returns the json."""
     out = Path(out)
-    draws = {name: T.Runs(grid, path / "eval", path / "runs") for name, path in parse_draws(specs)}
+    paths = parse_draws(specs)
+    draws = {name: T.Runs(grid, path / "eval", path / "runs") for name, path in paths}
     if not grid.datasets or not (grid.tuned or grid.gram or grid.methods):
         raise ValueError("gram draws: the grid names no dataset or no method (grid.datasets, grid.tuned, "
                          "grid.methods): nothing to read")
@@ -225,7 +226,7 @@ def run(grid, prof, specs: list[str], out: str | Path) -> dict:
     m_md, methods = method_tables(draws, grid)
     p_md, paired = paired_tables(draws, grid)
     md = ["# Over backbone draws", "",
-          f"{_count(len(draws))}: " + ", ".join(f"`{n}` ({p})" for n, p in parse_draws(specs))
+          f"{_count(len(draws))}: " + ", ".join(f"`{n}` ({p})" for n, p in paths)
           + f". Test split, domain `{prof.protocols.domain}`; class-balanced accuracy in %.", *zs_md, *m_md, *p_md]
     summary = {"draws": list(draws), "zero_shot": zs, "methods": methods, "paired": paired}
     write_text(out / "draws.md", "\n".join(md) + "\n")

@@ -146,6 +146,9 @@ def test_bad_draws_are_errors_that_name_them(tmp_path: Path):
     path = write_draw(tmp_path / "one", 1)
     with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nowhere' / 'eval'} is not a directory"):
         D.run(GRID, PROF, [f"x={tmp_path / 'nowhere'}"], tmp_path / "out")
+    for bad in ("x=", f"={path}"):
+        with pytest.raises(ValueError, match=f"--draw '{bad}': write NAME=DIR"):
+            D.run(GRID, PROF, [bad], tmp_path / "out")
     with pytest.raises(ValueError, match="a name is given twice"):
         D.run(GRID, PROF, [f"x={path}", f"x={write_draw(tmp_path / 'two', 2)}"], tmp_path / "out")
     victim = T.run_path(path / "runs", "base-to-new", "ds", "coop", GRID.base_to_new_shots, 2)
