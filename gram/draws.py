@@ -16,6 +16,13 @@ Outputs under `--out`:
     draws.json  the same numbers
     draws.png   the paired differences: each draw's Δ and interval, and the pooled one
 
+When `grid.tpt` names datasets and methods, each DIR must also hold the test-time runs
+(`tpt/<dataset>/<method>/s<seed>.json`, as `gram tpt` writes them), and the outputs gain a test-time
+section: every row of `test_time.md` (the initial prompts untuned, then each method after tuning) per
+draw and over draws, and, per draw and pooled, each method against the first words method of
+`grid.tpt.words` (both tuned) and each method's own test-time step (after − before). The score there is
+the mean over the domains of their class-balanced accuracies, as in `test_time.md`.
+
 With three draws, resampling the draws gives a coarse interval: it widens when the draws disagree,
 which is the point, but its 95 % is nominal.
 """
@@ -27,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from gram import tables as T
-from gram.io import save_png, write_json, write_text
+from gram.io import read_json, save_png, write_json, write_text
+from gram.report import tpt_rows
 from gram.stage import stage_parser, stage_setup
 
 
@@ -181,18 +189,110 @@ def paired_tables(draws: dict[str, T.Runs], grid) -> tuple[list[str], dict]:
     return md, out
 
 
-def plot(paired: dict, names: list[str], path: Path) -> None:
+def read_tpt(paths: list[tuple[str, Path]], grid) -> dict:
+    """{draw: {dataset: {method: {seed: record}}}} of every test-time run of grid.tpt; every record of every
+    draw must score the same domains (the first record's)."""
+    out: dict = {}
+    domains = None
+    for name, path in paths:
+        for ds in grid.tpt.datasets:
+            for m in grid.tpt.methods():
+                for s in grid.seeds:
+                    f = path / "tpt" / ds / m / f"s{s}.json"
+                    if not f.is_file():
+                        raise FileNotFoundError(f"{f}: missing (grid.tpt runs {m} on {ds} at seed {s}; run the "
+                                                f"test-time stage for draw {name!r}, or empty grid.tpt)")
+                    rec = read_json(f)
+                    have = [d["domain"] for d in rec["domains"]]
+                    if domains is None:
+                        domains = have
+                    elif have != domains:
+                        raise ValueError(f"{f}: domains {have}, but the first test-time run scores {domains}: "
+                                         "every draw must run tpt.domains alike")
+                    out.setdefault(name, {}).setdefault(ds, {}).setdefault(m, {})[s] = rec
+    return out
+
+
+def _tpt_per_class(recs: dict, stage: str) -> list[np.ndarray]:
+    """Per domain, the per-class accuracies [seeds, classes] of one method's runs at `stage` (before | after)."""
+    seeds = list(recs)
+    n = len(recs[seeds[0]]["domains"])
+    return [np.asarray([[np.nan if v is None else v for v in recs[s]["domains"][j][stage]["per_class_accuracy"]]
+                        for s in seeds], dtype=np.float64) for j in range(n)]
+
+
+def _mean_of_parts(parts):
+    return np.mean(parts, axis=0)
+
+
+def tpt_tables(records: dict, grid, prof) -> tuple[list[str], dict]:
+    """The test-time rows per draw and over draws, and the paired differences per draw and pooled."""
+    names = list(records)
+    roles = T.domain_roles(prof)
+    ref = grid.tpt.words[0] if grid.tpt.words else None
+    md, out = [], {}
+    for ds in grid.tpt.datasets:
+        first = records[names[0]][ds]
+        domains = [d["domain"] for d in next(iter(first[grid.tpt.methods()[0]].values()))["domains"]]
+        rows, entry = [], {"domains": domains, "rows": [], "paired": {}}
+        for label, m, stage in tpt_rows(grid, first):
+            per_seed = {n: [[d[stage]["balanced_accuracy"] for d in rec["domains"]]
+                            for rec in records[n][ds][m].values()] for n in names}  # [seeds, domains]
+            per_draw = [T.Cell([float(np.mean(v)) for v in per_seed[n]]) for n in names]
+            per_domain = {d: T.Cell([float(np.mean([v[j] for v in per_seed[n]])) for n in names])
+                          for j, d in enumerate(domains)}
+            over = T.Cell([c.mean for c in per_draw])
+            entry["rows"].append({"label": label, "method": m, "stage": stage,
+                                  "per_draw": dict(zip(names, (c.record() for c in per_draw))),
+                                  "per_domain": {d: c.record() for d, c in per_domain.items()},
+                                  "over_draws": over.record()})
+            rows.append([label] + [c.text() for c in per_draw] + [per_domain[d].text() for d in domains]
+                        + [f"**{over.text()}**"])
+        pairs = [(f"{m} − {ref}", (m, "after"), (ref, "after")) for m in grid.tpt.methods() if ref and m != ref]
+        pairs += [(f"{m}: after − before", (m, "after"), (m, "before")) for m in grid.tpt.methods()]
+        prows = []
+        for label, (ma, sa), (mb, sb) in pairs:
+            a = [_tpt_per_class(records[n][ds][ma], sa) for n in names]
+            b = [_tpt_per_class(records[n][ds][mb], sb) for n in names]
+            each = [T.paired_difference(da, db, _mean_of_parts) for da, db in zip(a, b)]
+            pooled = T.pooled_difference(a, b, _mean_of_parts)
+            entry["paired"][label] = {"per_draw": dict(zip(names, each)), "pooled": pooled}
+            prows.append([label] + [T._delta_text(d) for d in each] + [T._delta_text(pooled)])
+        out[ds] = entry
+        head = [f"{d} ({roles[d]})" if roles.get(d) else d for d in domains]
+        seen = [d for d in domains if roles.get(d) == "meta-train"]
+        md += ["", f"## {ds}: test-time tuning per draw and over draws", "",
+               f"Class-balanced accuracy in % on the {prof.tpt.split} split. Per draw: the mean over "
+               f"{', '.join(domains)}, mean ± std over seeds {', '.join(map(str, grid.seeds))}; per domain and in "
+               "the last column: the mean ± std over draws of each draw's mean.", ""]
+        if seen:
+            md += [f"Meta-training read the image-text pairs of {', '.join(f'`{d}`' for d in seen)}: for the GRAM "
+                   "rows that domain is not unseen.", ""]
+        md += [*T._md_table(["row"] + names + head + ["mean over draws"], rows),
+               "", f"## {ds}: test-time paired differences per draw and pooled", "",
+               f"Δ in points of the mean over {', '.join(domains)} of the class-balanced accuracies; per draw its 95 % "
+               "bootstrap interval over the test classes (every domain's classes resampled), pooled the mean of the "
+               "draws' Δ and its interval over classes and draws; `*`: the interval leaves out 0. "
+               + (f"`M − {ref}`: both after test-time tuning; " if ref else "")
+               + "`M: after − before`: the test-time step of M from its own initial prompt.", "",
+               *T._md_table(["Δ"] + names + ["pooled"], prows)]
+    return md, out
+
+
+def plot(paired: dict, names: list[str], path: Path, test_time: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(ds, pair, entry) for ds, pairs in paired.items() for pair, entry in pairs.items()]
+    panels = [(f"{pair} ({ds})", {"H" if lab == "hm" else lab: d for lab, d in entry.items()})
+              for ds, pairs in paired.items() for pair, entry in pairs.items()]
+    panels += [(f"test-time ({ds})", entry["paired"]) for ds, entry in (test_time or {}).items()]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.5 * max(1, len(panels)), 3.6), squeeze=False)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no method with a reference in the grid", ha="center", va="center")
     width = 0.7 / (len(names) + 1)
-    for ax, (ds, pair, entry) in zip(axes[0], panels):
+    for ax, (title, entry) in zip(axes[0], panels):
         labels = [lab for lab, d in entry.items() if d is not None]
         x = np.arange(len(labels))
         for j, name in enumerate(names + ["pooled"]):
@@ -202,9 +302,11 @@ def plot(paired: dict, names: list[str], path: Path) -> None:
             ax.errorbar(x - 0.35 + (j + 0.5) * width, mid, yerr=err, fmt="D" if name == "pooled" else "o",
                         color="k" if name == "pooled" else None, ms=4, capsize=2, label=name)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(x, ["H" if lab == "hm" else lab for lab in labels])
+        long = max(map(len, labels), default=0) > 8
+        ax.set_xticks(x, labels, rotation=25 if long else 0, ha="right" if long else "center",
+                      fontsize=7 if long else None)
         ax.set_ylabel("Δ balanced accuracy (points)")
-        ax.set_title(f"{pair} ({ds})", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     if panels:
         axes[0][0].legend(fontsize=7)
@@ -222,16 +324,20 @@ def run(grid, prof, specs: list[str], out: str | Path) -> dict:
         raise ValueError("gram draws: the grid names no dataset or no method (grid.datasets, grid.tuned, "
                          "grid.methods): nothing to read")
     check_distinct(draws, grid)
+    tpt = read_tpt(paths, grid) if grid.tpt.datasets and grid.tpt.methods() else None
     zs_md, zs = zero_shot_rows(draws, grid, prof)
     m_md, methods = method_tables(draws, grid)
     p_md, paired = paired_tables(draws, grid)
+    t_md, test_time = tpt_tables(tpt, grid, prof) if tpt else ([], {})
     md = ["# Over backbone draws", "",
           f"{_count(len(draws))}: " + ", ".join(f"`{n}` ({p})" for n, p in paths)
-          + f". Test split, domain `{prof.protocols.domain}`; class-balanced accuracy in %.", *zs_md, *m_md, *p_md]
+          + f". Test split, domain `{prof.protocols.domain}`; class-balanced accuracy in %.", *zs_md, *m_md, *p_md, *t_md]
     summary = {"draws": list(draws), "zero_shot": zs, "methods": methods, "paired": paired}
+    if tpt:
+        summary["test_time"] = test_time
     write_text(out / "draws.md", "\n".join(md) + "\n")
     write_json(out / "draws.json", summary)
-    plot(paired, list(draws), out / "draws.png")
+    plot(paired, list(draws), out / "draws.png", test_time)
     return summary
 
 

@@ -378,7 +378,7 @@ def run(params: Params, profile: str, eval_dir: str | Path, backbone_dir: str | 
     return md
 
 
-def _tpt_rows(grid, records: dict) -> list[tuple[str, str, str]]:
+def tpt_rows(grid, records: dict) -> list[tuple[str, str, str]]:
     """(label, method, "before" | "after") rows of the test-time table: each distinct initial prompt
     untuned (from the first method that starts from it), then every method after tuning."""
     t = grid.tpt
@@ -451,7 +451,7 @@ def test_time(params: Params, profile: str, tpt_dir: str | Path, out: str | Path
                    "for the GRAM rows that domain is not unseen.", ""]
         md += ["| | " + " | ".join(head) + " | mean |", "|---|" + "---:|" * (len(domains) + 1)]
         labels, means, stds = [], [], []
-        for label, m, stage in _tpt_rows(g, records):
+        for label, m, stage in tpt_rows(g, records):
             per = np.array([[d[stage]["balanced_accuracy"] for d in records[m][s]["domains"]] for s in seeds])  # [S, D]
             avg = per.mean(1)  # [S]
             cells = [f"{100 * per[:, j].mean():.1f} ± {100 * _sample_std(per[:, j]):.1f}" for j in range(len(domains))]

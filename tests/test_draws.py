@@ -8,17 +8,19 @@ each draw alone and against a direct loop over resamples.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_tables import GRID, PROF, write_world
+from test_tables import GRID, N_CLASSES, PROF, write_world
 
 from gram import cli
 from gram import draws as D
 from gram import tables as T
+from gram.config import TptGram, TptGrid
 from gram.evaluate import summarise
 from gram.io import read_json, write_json
 
@@ -166,3 +168,74 @@ def test_the_cli_reports_a_bad_draw_in_one_line(tmp_path: Path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert f"gram draws: error: --draw 'x={tmp_path}': {tmp_path / 'eval'} is not a directory" in err
+
+
+TPT_GRID = dataclasses.replace(GRID, tpt=TptGrid(datasets=["ds"], words=["tpt"],
+                                                 gram=[TptGram(method="tpt+gram", meta="coop-tpt")]))
+TPT_DOMAINS = ["apple", "fluent"]
+
+
+def write_tpt(root: Path, seed: int, domains: list[str] = TPT_DOMAINS) -> None:
+    """`gram tpt` records of TPT_GRID under root/tpt: random per-class accuracies (class 3 of fluent absent
+    from the split), the balanced accuracies their mean over the classes present."""
+    rng = np.random.default_rng(seed)
+    for m, init in (("tpt", {"init": "words"}), ("tpt+gram", {"init": "meta"})):
+        for s in TPT_GRID.seeds:
+            doms = []
+            for d in domains:
+                stages = {}
+                for stage in ("before", "after"):
+                    pc = rng.uniform(size=N_CLASSES)
+                    pc = [None if (d == "fluent" and c == 3) else float(v) for c, v in enumerate(pc)]
+                    stages[stage] = {"accuracy": 0.0, "per_class_accuracy": pc,
+                                     "balanced_accuracy": float(np.mean([v for v in pc if v is not None]))}
+                doms.append({"domain": d, "n": 10, **stages})
+            write_json(root / "tpt" / "ds" / m / f"s{s}.json",
+                       {"init": init, "meta": {"recipe": "coop-tpt"} if init["init"] == "meta" else None,
+                        "domains": doms})
+
+
+def test_test_time_rows_and_differences_per_draw_and_pooled(tmp_path: Path):
+    roots = {name: write_draw(tmp_path / name, k) for k, name in enumerate(("one", "two", "three"), 1)}
+    for k, root in enumerate(roots.values(), 1):
+        write_tpt(root, 10 + k)
+    summary = D.run(TPT_GRID, PROF, [f"{n}={r}" for n, r in roots.items()], tmp_path / "out")
+    tt = summary["test_time"]["ds"]
+    assert tt["domains"] == TPT_DOMAINS
+    assert [(r["label"], r["stage"]) for r in tt["rows"]] == [
+        ("zero-shot (words), no test-time tuning", "before"), ("GRAM init (coop-tpt), no test-time tuning", "before"),
+        ("tpt", "after"), ("tpt+gram", "after")]
+
+    def score(name, m, stage):  # per seed, the mean over domains of the balanced accuracies, as test_time.md
+        recs = [read_json(roots[name] / "tpt" / "ds" / m / f"s{s}.json") for s in TPT_GRID.seeds]
+        return np.array([np.mean([d[stage]["balanced_accuracy"] for d in r["domains"]]) for r in recs])
+
+    row = tt["rows"][3]
+    means = [score(n, "tpt+gram", "after").mean() for n in roots]
+    assert [row["per_draw"][n]["mean"] for n in roots] == pytest.approx(means, abs=1e-12)
+    assert row["over_draws"]["mean"] == pytest.approx(statistics.mean(means), abs=1e-12)
+    assert row["over_draws"]["std"] == pytest.approx(statistics.stdev(means), abs=1e-12)
+    for label, (ma, sa), (mb, sb) in (("tpt+gram − tpt", ("tpt+gram", "after"), ("tpt", "after")),
+                                      ("tpt: after − before", ("tpt", "after"), ("tpt", "before"))):
+        entry = tt["paired"][label]
+        each = [entry["per_draw"][n]["delta"] for n in roots]
+        # Δ is the difference of the table's scores: the absent class is left out of fluent's balanced accuracy
+        direct = [(score(n, ma, sa) - score(n, mb, sb)).mean() for n in roots]
+        assert each == pytest.approx(direct, abs=1e-12)
+        assert entry["pooled"]["delta"] == pytest.approx(statistics.mean(each), abs=1e-12)
+        assert entry["pooled"]["classes"] == [N_CLASSES, N_CLASSES - 1] and entry["pooled"]["draws"] == 3
+        assert entry["pooled"]["lo"] < entry["pooled"]["delta"] < entry["pooled"]["hi"]
+        md = (tmp_path / "out" / "draws.md").read_text()
+        assert f"| {label} | " + " | ".join(T._delta_text(entry["per_draw"][n]) for n in roots) in md
+    assert "## ds: test-time tuning per draw and over draws" in md
+
+
+def test_test_time_runs_that_are_missing_or_score_other_domains_are_named(tmp_path: Path):
+    one, two = write_draw(tmp_path / "one", 1), write_draw(tmp_path / "two", 2)
+    write_tpt(one, 1)
+    with pytest.raises(FileNotFoundError, match=f"{two / 'tpt' / 'ds' / 'tpt' / 's1.json'}: missing .*draw 'two'"):
+        D.run(TPT_GRID, PROF, [f"one={one}", f"two={two}"], tmp_path / "out")
+    write_tpt(two, 2, domains=["apple"])
+    with pytest.raises(ValueError, match=f"{two / 'tpt' / 'ds' / 'tpt' / 's1.json'}: domains \\['apple'\\], but"):
+        D.run(TPT_GRID, PROF, [f"one={one}", f"two={two}"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
