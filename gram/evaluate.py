@@ -5,7 +5,7 @@ Writes one JSON per (dataset, domain) under `--out` (the method's directory), na
 per-class accuracy, the majority and chance rates of the scored split, the parameters used and the
 wall time. Methods:
 
-- `zeroshot`: CLIP zero-shot with the single template `evaluate.template` ("a {} emoji.").
+- `zeroshot`: CLIP zero-shot with the single template `evaluate.template` (emoji: "an emoji of a {}").
 - `zeroshot-ensemble`: the mean of the L2-normalised text features of the `evaluate.ensemble`
   templates, renormalised (the CLIP paper's prompt ensembling).
 
